@@ -1,0 +1,73 @@
+"""The nnlite command as a user runs it: in a subprocess, reading exit codes and output."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def nnlite(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nnunet_lite.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_console_script_is_installed():
+    r = subprocess.run(["nnlite", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for sub in ("check", "synth", "demo"):
+        assert sub in r.stdout
+
+
+def test_synth_then_check(tmp_path):
+    r = nnlite("synth", tmp_path / "ds", "--kind", "mr_aniso", "--cases", 3, "--test-cases", 1,
+               "--shape", 6, 20, 20, "-q")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert d["numTraining"] == 3 and d["channel_names"] == {"0": "T1", "1": "T2"}
+    r = nnlite("check", tmp_path / "ds", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no problems found" in r.stdout
+
+
+def test_check_reports_every_problem_one_line_each(dataset_copy):
+    ds = dataset_copy("ct")
+    (ds / "labelsTr" / "case_001.nii.gz").unlink()
+    (ds / "imagesTr" / "case_002_0000.nii.gz").write_bytes(b"truncated")
+    r = nnlite("check", ds, "-q")
+    assert r.returncode == 1
+    lines = r.stdout.strip().splitlines()
+    assert any(l.startswith(str(ds / "labelsTr" / "case_001.nii.gz") + ": missing") for l in lines), lines
+    assert any(l.startswith(str(ds / "imagesTr" / "case_002_0000.nii.gz") + ": cannot be read") for l in lines), lines
+    assert "problem(s) found" in r.stderr
+
+
+def test_check_missing_folder_is_one_line(tmp_path):
+    r = nnlite("check", tmp_path / "nope", "-q")
+    assert r.returncode == 1
+    assert r.stdout.strip() == f"{tmp_path / 'nope'}: dataset folder not found"
+
+
+def test_synth_bad_arguments_are_one_line_errors(tmp_path):
+    r = nnlite("synth", tmp_path / "x", "--kind", "ct", "--channels", "2", "-q")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "nnlite: error: a CT-like dataset has one channel"
+    r = nnlite("synth", tmp_path / "x", "--kind", "nope")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_demo_runs_and_writes_its_outputs(tmp_path):
+    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[1/3]" in r.stdout and "demo finished" in r.stdout
+    raw = tmp_path / "demo" / "Dataset001_SynthCT"
+    assert json.loads((raw / "dataset.json").read_text())["numTraining"] == 3
+    assert (tmp_path / "demo" / "figures" / "case_000.png").stat().st_size > 1000
+
+
+def test_synth_is_deterministic_across_processes(tmp_path):
+    for name in ("a", "b"):
+        assert nnlite("synth", tmp_path / name, "--kind", "ct", "--cases", 2, "--test-cases", 0, "-q").returncode == 0
+    for f in sorted((tmp_path / "a").rglob("*.nii.gz")):
+        g = tmp_path / "b" / f.relative_to(tmp_path / "a")
+        import SimpleITK as sitk
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) == sitk.GetArrayFromImage(sitk.ReadImage(str(g)))).all()
