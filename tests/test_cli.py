@@ -58,7 +58,8 @@ def test_synth_bad_arguments_are_one_line_errors(tmp_path):
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[1/3]" in r.stdout and "demo finished" in r.stdout
+    assert "[1/4]" in r.stdout and "demo finished" in r.stdout
+    assert (tmp_path / "demo" / "plans" / "plans.json").is_file()
     raw = tmp_path / "demo" / "Dataset001_SynthCT"
     assert json.loads((raw / "dataset.json").read_text())["numTraining"] == 3
     assert (tmp_path / "demo" / "figures" / "case_000.png").stat().st_size > 1000
@@ -71,3 +72,43 @@ def test_synth_is_deterministic_across_processes(tmp_path):
         g = tmp_path / "b" / f.relative_to(tmp_path / "a")
         import SimpleITK as sitk
         assert (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) == sitk.GetArrayFromImage(sitk.ReadImage(str(g)))).all()
+
+
+def test_plan_from_dataset_and_from_fingerprint(datasets, tmp_path):
+    r = nnlite("plan", datasets["ct_aniso"], "-o", tmp_path / "p1", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "3d_fullres" in r.stdout
+    plans = json.loads((tmp_path / "p1" / "plans.json").read_text())
+    fp = json.loads((tmp_path / "p1" / "dataset_fingerprint.json").read_text())
+    assert {"spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
+            "median_relative_size_after_cropping"} <= set(fp)
+    assert plans["transpose_forward"] == [0, 1, 2] and "3d_fullres" in plans["configurations"]
+    r = nnlite("plan", "--fingerprint", tmp_path / "p1" / "dataset_fingerprint.json",
+               "--dataset-json", datasets["ct_aniso"] / "dataset.json", "-o", tmp_path / "p2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "p2" / "plans.json").read_text())["configurations"] == plans["configurations"]
+    r = nnlite("plan", "--fingerprint", tmp_path / "p1" / "dataset_fingerprint.json",
+               "--dataset-json", datasets["ct_aniso"] / "dataset.json", "-o", tmp_path / "p3", "--gpu-memory", "2",
+               "--preset", "paper2018")
+    assert r.returncode == 0, r.stderr
+    assert "paper2018" in json.loads((tmp_path / "p3" / "plans.json").read_text())["experiment_planner_used"]
+
+
+def test_plan_refuses_a_broken_dataset_with_its_messages(dataset_copy, tmp_path):
+    ds = dataset_copy("ct")
+    (ds / "labelsTr" / "case_000.nii.gz").unlink()
+    r = nnlite("plan", ds, "-o", tmp_path / "p", "-q")
+    assert r.returncode == 1
+    assert "refusing to plan" in r.stderr and "case_000.nii.gz: missing" in r.stderr
+    assert not (tmp_path / "p" / "plans.json").exists()
+
+
+def test_plan_argument_errors_are_one_line(tmp_path):
+    r = nnlite("plan", "-o", tmp_path / "p")
+    assert r.returncode == 1 and r.stderr.startswith("nnlite: error: give a DATASET_DIR")
+    r = nnlite("plan", "--fingerprint", tmp_path / "nope.json", "-o", tmp_path / "p")
+    assert r.returncode == 1 and "--dataset-json" in r.stderr
+    (tmp_path / "ds.json").write_text('{"labels": {}}')
+    (tmp_path / "fp.json").write_text("{}")
+    r = nnlite("plan", "--fingerprint", tmp_path / "fp.json", "--dataset-json", tmp_path / "ds.json", "-o", tmp_path / "p")
+    assert r.returncode == 1 and "fp.json: not a dataset fingerprint" in r.stderr
