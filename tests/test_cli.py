@@ -108,6 +108,13 @@ def test_plan_argument_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("nnlite: error: give a DATASET_DIR")
     r = nnlite("plan", "--fingerprint", tmp_path / "nope.json", "-o", tmp_path / "p")
     assert r.returncode == 1 and "--dataset-json" in r.stderr
+    from nnunet_lite.plans import fingerprint_from_stats
+    fingerprint_from_stats([[1.0, 1.0, 1.0]] * 2, [[40, 50, 50]] * 2).save(tmp_path / "good_fp.json")
+    r = nnlite("plan", "--fingerprint", tmp_path / "good_fp.json", "--dataset-json", tmp_path / "nope.json", "-o", tmp_path / "p")
+    assert r.returncode == 1 and r.stderr.strip() == f"nnlite: error: {tmp_path / 'nope.json'}: file not found (every dataset needs a dataset.json)"
+    (tmp_path / "bad.json").write_text('{"channel_names": {"0": "CT"}, "numTraining": 2, "file_ending": ".nii.gz"}')
+    r = nnlite("plan", "--fingerprint", tmp_path / "good_fp.json", "--dataset-json", tmp_path / "bad.json", "-o", tmp_path / "p")
+    assert r.returncode == 1 and "bad.json: missing required key 'labels'" in r.stderr
     (tmp_path / "ds.json").write_text('{"labels": {}}')
     (tmp_path / "fp.json").write_text("{}")
     r = nnlite("plan", "--fingerprint", tmp_path / "fp.json", "--dataset-json", tmp_path / "ds.json", "-o", tmp_path / "p")
