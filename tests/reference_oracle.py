@@ -40,7 +40,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["reference_fingerprint", "reference_plans", "make_fingerprint", "DEFAULT_DATASET_NAME"]
+__all__ = ["reference_fingerprint", "reference_plans", "reference_preprocess_case", "make_fingerprint", "DEFAULT_DATASET_NAME"]
 
 _PATH_VARS = {"nnUNet_raw": "nnUNet_raw", "nnUNet_preprocessed": "nnUNet_preprocessed",
               "nnUNet_results": "nnUNet_results"}
@@ -269,6 +269,21 @@ def reference_plans(fingerprint: Mapping, dataset_json: Mapping, gpu_memory_gb: 
             experiment_planner = cls(name, **kwargs)
             experiment_planner.plan_experiment()
         return _read_json(folders["nnUNet_preprocessed"] / name / (experiment_planner.plans_identifier + ".json"))
+
+
+def reference_preprocess_case(image_files, label_file, plans: Mapping, configuration: str, dataset_json: Mapping):
+    """One case through the reference's `DefaultPreprocessor.run_case`: (data, seg, properties) as it returns them.
+
+    `plans` is a plans dict in v2's schema (ours or the reference's), `dataset_json` the dataset.json dict; the
+    files are read with the plans' `image_reader_writer`. Needs no nnU-Net folders: run_case works on files.
+    """
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_manager = PlansManager(json.loads(json.dumps(plans)))
+    with _quiet():
+        return DefaultPreprocessor(verbose=False).run_case(
+            [str(f) for f in image_files], None if label_file is None else str(label_file), plans_manager,
+            plans_manager.get_configuration(configuration), json.loads(json.dumps(dataset_json)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
