@@ -58,11 +58,14 @@ def test_synth_bad_arguments_are_one_line_errors(tmp_path):
 def test_demo_runs_and_writes_its_outputs(tmp_path):
     r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[1/4]" in r.stdout and "demo finished" in r.stdout
-    assert (tmp_path / "demo" / "plans" / "plans.json").is_file()
+    assert "[1/5]" in r.stdout and "[4/5] preprocess 3d_fullres" in r.stdout and "demo finished" in r.stdout
+    assert (tmp_path / "demo" / "preprocessed" / "plans.json").is_file()
     raw = tmp_path / "demo" / "Dataset001_SynthCT"
     assert json.loads((raw / "dataset.json").read_text())["numTraining"] == 3
-    assert (tmp_path / "demo" / "figures" / "case_000.png").stat().st_size > 1000
+    cases = sorted(p.name for p in (tmp_path / "demo" / "preprocessed" / "3d_fullres").glob("case_*.json"))
+    assert cases == ["case_000.json", "case_001.json", "case_002.json"]
+    for figure in ("case_000.png", "case_000_preprocessed.png"):
+        assert (tmp_path / "demo" / "figures" / figure).stat().st_size > 1000
 
 
 def test_synth_is_deterministic_across_processes(tmp_path):
