@@ -144,3 +144,51 @@ def test_cli_preprocess_errors_are_one_line(datasets, tmp_path):
     save_plans(plans_for(datasets["ct"]), tmp_path / "plans.json")
     r = nnlite("preprocess", datasets["ct"], tmp_path / "plans.json", "-c", "3d_lowres", "-q")
     assert r.returncode == 1 and "no configuration '3d_lowres'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_interrupted_overwrite_never_leaves_mixed_settings(dataset_copy, tmp_path, monkeypatch):
+    "Killed while overwriting with new plans, then resumed without --overwrite: every case ends up with the new plans."
+    import nnunet_lite.preprocessing as pp
+    ds = dataset_copy("ct")
+    plans = plans_for(ds)
+    folder = preprocess_dataset(ds, plans, "3d_fullres", tmp_path, progress=False)
+    new = json.loads(json.dumps(plans))
+    new["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]
+    real = pp.preprocess_case
+
+    def killed_at_case_001(image_files, label_file, *args, **kwargs):
+        if "case_001" in str(label_file): raise KeyboardInterrupt
+        return real(image_files, label_file, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "preprocess_case", killed_at_case_001)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False, overwrite=True)
+    monkeypatch.setattr(pp, "preprocess_case", real)
+    preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False)
+    spacings = [load_case(folder, c)[2]["spacing_after_resampling"] for c in preprocessed_cases(folder)]
+    assert spacings == [[2.0, 2.0, 2.0]] * 3
+
+
+def test_wrong_channel_count_and_empty_axis_name_the_case(datasets, tmp_path):
+    ds = datasets["mr"]
+    plans = plans_for(ds)
+    one_channel = json.loads(json.dumps(plans))
+    for key in ("normalization_schemes", "use_mask_for_norm"):
+        one_channel["configurations"]["3d_fullres"][key] = one_channel["configurations"]["3d_fullres"][key][:1]
+    with pytest.raises(DatasetError, match=r"^case_000: ValueError: the image has 2 channel\(s\), the plans expect 1"):
+        preprocess_dataset(ds, one_channel, "3d_fullres", tmp_path / "a", progress=False)
+    coarse = json.loads(json.dumps(plans))
+    coarse["configurations"]["3d_fullres"]["spacing"] = [500.0, 1.0, 1.0]
+    with pytest.raises(DatasetError, match=r"^case_000: ValueError: resampling shape .* leaves an empty axis"):
+        preprocess_dataset(ds, coarse, "3d_fullres", tmp_path / "b", progress=False)
+
+
+def test_caller_threads_are_left_alone(datasets, tmp_path):
+    import torch
+    before = torch.get_num_threads()
+    ds = datasets["ct"]
+    plans = plans_for(ds)
+    folder = preprocess_dataset(ds, plans, "3d_fullres", tmp_path, progress=False)
+    (folder / "case_001.json").unlink()   # one case left: it runs in this process
+    preprocess_dataset(ds, plans, "3d_fullres", tmp_path, workers=2, progress=False)
+    assert torch.get_num_threads() == before
