@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from preprocess import set_reference_paths   # bench/preprocess.py: point nnunetv2 at folders under a root
 
 DATASET_NAME = 'Dataset988_BenchLoader'
 PATCH = [96, 160, 160]
@@ -59,14 +60,6 @@ def parse_args(argv=None):
     p.add_argument('--rounds', type=int, default=1, help='ABBA rounds (reference, ours, ours, reference; default 1)')
     p.add_argument('--out', default=None, help='working folder, kept and reused (default: a temporary folder)')
     return p.parse_args(argv)
-
-
-def set_reference_paths(root: Path) -> dict:
-    folders = {v: root / v for v in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    for var, f in folders.items():
-        f.mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(f)
-    return folders
 
 
 def plan_with_patch(plans: dict, patch, batch_size: int) -> dict:
@@ -155,23 +148,27 @@ def reference_loader(pre: Path, workers: int, pin_memory: bool):
                               sampling_probabilities=None, pad_sides=None, transforms=transforms,
                               probabilistic_oversampling=False)
     return NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=max(6, workers // 2), seeds=None,
-                                        pin_memory=pin_memory, wait_time=0.002), initial_patch
+                                        pin_memory=pin_memory, wait_time=0.002)
+
+
+def batches_per_second(next_batch, args) -> float:
+    "Discard `args.warmup` batches, then time `args.batches` calls of `next_batch`."
+    for _ in range(args.warmup): next_batch()
+    t0 = time.perf_counter()
+    for _ in range(args.batches): next_batch()
+    return args.batches / (time.perf_counter() - t0)
 
 
 def run_reference(pre: Path, args) -> float:
     device = torch.device(args.device)
-    augmenter, _ = reference_loader(pre, args.workers, pin_memory=device.type == 'cuda')
+    augmenter = reference_loader(pre, args.workers, pin_memory=device.type == 'cuda')
+    def one():
+        batch = next(augmenter)
+        if device.type == 'cuda':   # as the reference's trainer: pinned batches moved to the GPU
+            batch['data'].to(device, non_blocking=True); [t.to(device, non_blocking=True) for t in batch['target']]
+            torch.cuda.synchronize()
     try:
-        def one():
-            batch = next(augmenter)
-            if device.type == 'cuda':
-                batch['data'].to(device, non_blocking=True); [t.to(device, non_blocking=True) for t in batch['target']]
-                torch.cuda.synchronize()
-            return batch
-        for _ in range(args.warmup): one()
-        t0 = time.perf_counter()
-        for _ in range(args.batches): one()
-        return args.batches / (time.perf_counter() - t0)
+        return batches_per_second(one, args)
     finally:
         augmenter._finish()
 
@@ -183,15 +180,11 @@ def run_ours(pre: Path, plans: dict, args) -> float:
     device = torch.device(args.device)
     batches = TrainingBatches(PreprocessedDataset(pre / 'nnlite' / '3d_fullres'), settings, device=device,
                               seed=int(time.time()), threads=args.workers)
+    def one():
+        next(batches)
+        if device.type == 'cuda': torch.cuda.synchronize()
     try:
-        def one():
-            batch = next(batches)
-            if device.type == 'cuda': torch.cuda.synchronize()
-            return batch
-        for _ in range(args.warmup): one()
-        t0 = time.perf_counter()
-        for _ in range(args.batches): one()
-        return args.batches / (time.perf_counter() - t0)
+        return batches_per_second(one, args)
     finally:
         batches.close()
 
