@@ -1,4 +1,6 @@
-"""Loss, deep-supervision weights, learning rate and folds against nnU-Net v2's own classes and functions."""
+"""Loss, deep-supervision weights, learning rate, folds and the training step against nnU-Net v2's own classes."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,54 @@ def test_pseudo_dice_equals_reference_formula():
     np.testing.assert_array_equal(fn.numpy(), rfn[1:].numpy())
     r = rtp[1:].numpy(); expected = 2 * r / (2 * r + rfp[1:].numpy() + rfn[1:].numpy())
     np.testing.assert_allclose(pseudo_dice(tp, fp, fn), expected)
+
+
+@pytest.fixture(scope='module')
+def tiny_preprocessed(tmp_path_factory):
+    from nnunet_lite.cli import plan_dataset
+    from nnunet_lite.data import make_synthetic_dataset
+    from nnunet_lite.preprocessing import preprocess_dataset
+    root = tmp_path_factory.mktemp('trainer_vs_reference')
+    raw = make_synthetic_dataset(root / 'raw', 'ct', n_train=5, n_test=0, shape=(16, 24, 24), progress=False)
+    plans = plan_dataset(raw, root / 'pre', progress=False)
+    preprocess_dataset(raw, plans, '3d_fullres', root / 'pre', progress=False)
+    return root / 'pre'
+
+
+def test_trainer_steps_equal_reference_trainer(tiny_preprocessed, tmp_path, monkeypatch):
+    """nnUNetTrainer and our Trainer (float32) from the same weights on the same batches: the same training losses,
+    the same weights after 3 SGD steps (loss, deep supervision, clipping, Nesterov, weight decay), the same
+    validation loss and TP/FP/FN."""
+    import json
+    from nnunet_lite.network import load_reference_weights
+    from nnunet_lite.training import Trainer
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'): monkeypatch.setenv(var, str(tmp_path / var))
+    plans = json.loads((tiny_preprocessed / 'plans.json').read_text())
+    dataset_json = json.loads((tiny_preprocessed / 'dataset.json').read_text())
+    ref = nnUNetTrainer({**plans, 'continue_training': False}, '3d_fullres', 0, dataset_json, device=torch.device('cpu'))
+    ref.print_to_log_file = lambda *a, **k: None
+    folder = Path(ref.preprocessed_dataset_folder)   # initialize() only looks at the file endings there
+    folder.mkdir(parents=True); (folder / 'case_000.b2nd').touch()
+    ref.initialize()
+    ours = Trainer(tiny_preprocessed, '3d_fullres', 0, output_dir=tmp_path / 'ours', amp=False, progress=False)
+    load_reference_weights(ours.network, ref.network.state_dict())
+    train, val = ours.batch_streams()
+    batches = [next(train) for _ in range(3)]
+    val_batch = next(val)
+    train.close(); val.close()
+    ref.network.train(); ours.network.train()
+    for b in batches:
+        theirs = ref.train_step({'data': b['data'].clone(), 'target': [t.clone() for t in b['target']]})['loss']
+        mine = ours.train_step(b)
+        np.testing.assert_allclose(mine.item(), theirs, rtol=1e-4, atol=1e-5)
+    ref_weights = ref.network.state_dict()
+    mine = {k: v for k, v in ours.network.state_dict().items()}
+    from nnunet_lite.network import reference_key
+    for k, v in mine.items():
+        torch.testing.assert_close(v, ref_weights[reference_key(k)], rtol=1e-4, atol=1e-5)
+    ref.network.eval(); ours.network.eval()
+    r = ref.validation_step({'data': val_batch['data'].clone(), 'target': [t.clone() for t in val_batch['target']]})
+    loss, counts = ours.validation_step(val_batch)
+    np.testing.assert_allclose(loss.item(), r['loss'], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(counts.numpy(), np.stack([r['tp_hard'], r['fp_hard'], r['fn_hard']]))

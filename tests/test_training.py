@@ -1,0 +1,199 @@
+"""The trainer as a user runs it: it learns, it resumes a killed run exactly, it trains with torchrun on 2 gloo
+processes, and the `nnlite train` command gives one-line errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from nnunet_lite.cli import plan_dataset
+from nnunet_lite.data import make_synthetic_dataset
+from nnunet_lite.preprocessing import preprocess_dataset
+from nnunet_lite.training import Trainer, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preprocessed(root: Path, kind: str, configuration: str, **synth) -> Path:
+    raw = make_synthetic_dataset(root / 'raw', kind, n_test=0, progress=False, **synth)
+    pre = root / 'pre'
+    plans = plan_dataset(raw, pre, progress=False)
+    preprocess_dataset(raw, plans, configuration, pre, progress=False)
+    return pre
+
+
+@pytest.fixture(scope='module')
+def tiny3d(tmp_path_factory):
+    "5 CT-like cases of ~16x24x24 voxels, planned and preprocessed for 3d_fullres (batch 2)."
+    return preprocessed(tmp_path_factory.mktemp('tiny3d'), 'ct', '3d_fullres', n_train=5, shape=(16, 24, 24))
+
+
+def nnlite(*args, env=None, **kw):
+    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, **kw)
+
+
+def test_a_few_hundred_iterations_reach_dice_08(tmp_path):
+    "An easy 2D set (one large organ, little noise): 300 iterations give a validation pseudo Dice above 0.8."
+    pre = preprocessed(tmp_path, 'ct2d', '2d', n_train=6, n_classes=1, noise=0.3)
+    trainer = Trainer(pre, '2d', fold=0, epochs=20, iterations=15, val_iterations=5, progress=False).fit()
+    log = pd.read_csv(trainer.output_dir / 'log.csv')
+    assert len(log) == 20
+    assert log.train_loss.iloc[-3:].mean() < log.train_loss.iloc[:3].mean() - 0.5
+    assert log.mean_fg_dice.iloc[-3:].mean() > 0.8, log[['epoch', 'train_loss', 'mean_fg_dice']]
+
+
+def weights_of(path):
+    return load_checkpoint(path)['network_weights']
+
+
+def test_killed_run_resumes_exactly(tiny3d, tmp_path):
+    """Kill -9 a run mid-training (after its 2nd checkpoint), resume it: the final weights, optimiser state and log
+    equal those of a run that was never interrupted, bit for bit."""
+    args = [tiny3d, '-c', '3d_fullres', '-f', '0', '--epochs', 7, '--iters', 3, '--val-iters', 1, '--save-every', 1, '-q']
+    env = {'OMP_NUM_THREADS': '2'}
+    whole = nnlite('train', *args, '-o', tmp_path / 'whole', env=env)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, '-m', 'nnunet_lite.cli', 'train', *map(str, args), '-o', str(out)],
+                            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest, deadline = out / 'checkpoint_latest.pth', time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists():
+            try:
+                if load_checkpoint(latest)['epoch'] >= 2: break
+            except ValueError:
+                pass
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    killed_at = load_checkpoint(latest)['epoch']
+    assert 2 <= killed_at < 7 and not (out / 'checkpoint_final.pth').exists()
+
+    resumed = nnlite('train', *args, '-o', out, '--resume', env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / 'whole' / 'checkpoint_final.pth'), load_checkpoint(out / 'checkpoint_final.pth')
+    assert a['epoch'] == b['epoch'] == 7
+    for k in a['network_weights']: assert torch.equal(a['network_weights'][k], b['network_weights'][k]), k
+    for (i, s), (j, t) in zip(a['optimizer_state']['state'].items(), b['optimizer_state']['state'].items()):
+        assert torch.equal(s['momentum_buffer'], t['momentum_buffer'])
+    strip = lambda log: [{k: v for k, v in r.items() if k != 'epoch_time'} for r in log]
+    assert strip(a['log']) == strip(b['log'])
+    assert pd.read_csv(out / 'log.csv').epoch.tolist() == list(range(7))
+    assert not (out / 'checkpoint_latest.pth').exists() and not list(out.glob('.*.tmp'))
+
+    again = nnlite('train', *args, '-o', out, '--resume', env=env)      # a finished run has nothing left to do
+    assert again.returncode == 0 and 'epoch 6' in again.stdout
+    for k, v in weights_of(out / 'checkpoint_final.pth').items(): assert torch.equal(v, b['network_weights'][k])
+
+
+def test_checkpoint_has_everything_to_resume_and_predict(tiny3d, tmp_path):
+    trainer = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=2, val_iterations=1,
+                      progress=False).fit()
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoint_final.pth', weights_only=True)
+    assert {'network_weights', 'optimizer_state', 'grad_scaler_state', 'epoch', 'schedule', 'log', 'best_ema', 'rng_state',
+            'plans', 'configuration', 'dataset_json', 'fold', 'mirror_axes'} <= set(ckpt)
+    assert ckpt['plans'] == json.loads((tiny3d / 'plans.json').read_text()) and ckpt['configuration'] == '3d_fullres'
+    assert ckpt['schedule']['epochs'] == 2 and ckpt['epoch'] == 2 and len(ckpt['log']) == 2
+    model_dir = tmp_path                  # plans and dataset.json beside the fold folder: a model folder
+    assert (model_dir / 'plans.json').exists() and (model_dir / 'dataset.json').exists()
+    assert (tmp_path / 'run' / 'progress.png').stat().st_size > 0
+    # the folds come from splits_final.json beside the plans
+    splits = json.loads((tiny3d / 'splits_final.json').read_text())
+    assert sorted(trainer.val_cases) == sorted(splits[0]['val'])
+
+
+def test_resume_refuses_other_plans(tiny3d, tmp_path):
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=0, save_every=1,
+            progress=False).fit()
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=3, iterations=1, val_iterations=0, progress=False)
+    t.plans = {**t.plans, 'plans_name': 'other'}
+    with pytest.raises(ValueError, match='other plans'): t.fit(resume=True)
+
+
+def test_cli_train_errors_are_one_line(tiny3d, tmp_path):
+    r = nnlite('train', tmp_path / 'nowhere', '-q')
+    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
+    r = nnlite('train', tiny3d, '-c', '3d_fullres', '-f', '7', '-q', '-o', tmp_path / 'x')
+    assert r.returncode == 1 and 'fold 7 does not exist' in r.stderr
+    r = nnlite('train', tiny3d, '-c', '2d', '-q', '-o', tmp_path / 'x')
+    assert r.returncode == 1 and "run `nnlite preprocess" in r.stderr
+    (tmp_path / 'bad').mkdir(); (tmp_path / 'bad' / 'checkpoint_latest.pth').write_bytes(b'\0' * 100)
+    r = nnlite('train', tiny3d, '-c', '3d_fullres', '-o', tmp_path / 'bad', '--resume', '-q')
+    assert r.returncode == 1 and 'checkpoint_latest.pth: not a readable checkpoint' in r.stderr
+    r = nnlite('train', tiny3d, '-f', 'x')
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("fold must be a number or 'all', not 'x'")
+
+
+DDP_WORKER = '''
+import sys, torch, torch.distributed as dist
+from nnunet_lite.training import Trainer, init_distributed
+rank, world = init_distributed('cpu')
+pre, out = sys.argv[1], sys.argv[2]
+t = Trainer(pre, '3d_fullres', 0, output_dir=out, epochs=2, iterations=3, val_iterations=1, device='cpu', progress=False)
+train, val = t.batch_streams(); first = next(train); train.close(); val.close()
+t.fit()
+torch.save({'weights': t.network.state_dict(), 'batch': first['data'], 'keys': first['keys']}, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+def torchrun(*args, tmp_path):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *map(str, args)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_ddp_two_gloo_processes_hold_identical_weights(tiny3d, tmp_path):
+    (tmp_path / 'worker.py').write_text(DDP_WORKER)
+    r = torchrun('worker.py', tiny3d, tmp_path / 'out', tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / 'out' / f'rank{i}.pt', weights_only=True) for i in range(2))
+    assert a['batch'].shape[0] == b['batch'].shape[0] == 1            # the plan's batch of 2 split over 2 ranks
+    assert not torch.equal(a['batch'], b['batch'])                    # each rank samples its own patches
+    for k in a['weights']: assert torch.equal(a['weights'][k], b['weights'][k]), k
+    final = load_checkpoint(tmp_path / 'out' / 'checkpoint_final.pth')
+    assert final['world_size'] == 2 and final['epoch'] == 2
+    for k in a['weights']: assert torch.equal(final['network_weights'][k], a['weights'][k])
+
+
+def test_torchrun_cli_train(tiny3d, tmp_path):
+    out = tmp_path / 'run'
+    r = torchrun('-m', 'nnunet_lite.cli', 'train', tiny3d, '-c', '3d_fullres', '-f', '1', '--epochs', 2, '--iters', 2,
+                 '--val-iters', 1, '--device', 'cpu', '-o', out, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('training 3d_fullres fold 1') == 1 and 'x 2 processes' in r.stdout   # rank 0 alone speaks
+    assert (out / 'checkpoint_final.pth').exists() and len(pd.read_csv(out / 'log.csv')) == 2
+
+
+BATCH_DICE_WORKER = '''
+import sys, torch, torch.distributed as dist
+from nnunet_lite.training import dice_ce_loss, init_distributed
+rank, world = init_distributed('cpu')
+g = torch.Generator().manual_seed(0)
+logits, target = torch.randn(4, 3, 6, 5, 7, generator=g), torch.randint(0, 3, (4, 1, 6, 5, 7), generator=g)
+whole = logits.clone().requires_grad_()
+loss = dice_ce_loss(whole, target, batch_dice=True); loss.backward()          # one process, the whole batch
+part = logits[2 * rank:2 * rank + 2].clone().requires_grad_()                 # this rank's half
+ranked = dice_ce_loss(part, target[2 * rank:2 * rank + 2], batch_dice=True, all_ranks=True); ranked.backward()
+mean = ranked.detach().clone(); dist.all_reduce(mean); mean /= world
+assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)                     # DDP's average loss = the whole batch's
+assert torch.allclose(part.grad / world, whole.grad[2 * rank:2 * rank + 2], atol=1e-7)   # and so are the gradients
+print('ok', rank)
+dist.destroy_process_group()
+'''
+
+
+def test_batch_dice_over_ranks_equals_one_process(tmp_path):
+    "Batch Dice summed over 2 processes (SumOverRanks): the averaged loss and gradients equal one process's."
+    (tmp_path / 'worker.py').write_text(BATCH_DICE_WORKER)
+    r = torchrun('worker.py', tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'ok 0' in r.stdout and 'ok 1' in r.stdout
