@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnunet_lite.fingerprint import extract_fingerprint
-from nnunet_lite.network import build_network, count_parameters, load_reference_weights, n_outputs
+from nnunet_lite.network import build_network, count_parameters, load_reference_weights, n_outputs, reference_state_dict
 from nnunet_lite.plans import plan_experiment
 
 pytest.importorskip("nnunetv2")
@@ -78,3 +78,15 @@ def test_wrong_weights_are_refused(all_plans):
     sd.pop('decoder.seg_layers.0.bias')
     with pytest.raises(KeyError, match='decoder.seg_layers.0.bias'):
         load_reference_weights(net, sd)
+
+
+def test_reference_network_loads_our_weights(all_plans):
+    "reference_state_dict: PlainConvUNet loads it strictly (every key, aliases included) and computes our outputs."
+    for tag, plans, name, dataset_json in [p for p in all_plans if p[0].endswith(('3d_fullres', '2d'))][:4]:
+        ours = build_network(plans, name, dataset_json).eval()
+        theirs = reference_network(plans, name, dataset_json).eval()
+        theirs.load_state_dict(reference_state_dict(ours), strict=True)
+        patch = plans['configurations'][name]['patch_size']
+        x = torch.randn(1, len(dataset_json['channel_names']), *patch)
+        with torch.no_grad():
+            for u, v in zip(ours(x), theirs(x)): torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,8 @@ import torch
 from nnunet_lite.cli import plan_dataset
 from nnunet_lite.data import make_synthetic_dataset
 from nnunet_lite.preprocessing import preprocess_dataset
-from nnunet_lite.training import Trainer, load_checkpoint
+from nnunet_lite.network import reference_key, reference_state_dict
+from nnunet_lite.training import Trainer, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,23 +65,24 @@ def test_killed_run_resumes_exactly(tiny3d, tmp_path):
     out = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, '-m', 'nnunet_lite.cli', 'train', *map(str, args), '-o', str(out)],
                             cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest, deadline = out / 'checkpoint_latest.pth', time.time() + 300
+    latest, deadline = out / 'fold_0' / 'checkpoint_latest.pth', time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if latest.exists():
             try:
-                if load_checkpoint(latest)['epoch'] >= 2: break
+                if load_checkpoint(latest)['current_epoch'] >= 2: break
             except ValueError:
                 pass
         time.sleep(0.02)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     proc.send_signal(signal.SIGKILL); proc.wait()
-    killed_at = load_checkpoint(latest)['epoch']
-    assert 2 <= killed_at < 7 and not (out / 'checkpoint_final.pth').exists()
+    killed_at = load_checkpoint(latest)['current_epoch']
+    assert 2 <= killed_at < 7 and not (out / 'fold_0' / 'checkpoint_final.pth').exists()
 
     resumed = nnlite('train', *args, '-o', out, '--resume', env=env)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = load_checkpoint(tmp_path / 'whole' / 'checkpoint_final.pth'), load_checkpoint(out / 'checkpoint_final.pth')
-    assert a['epoch'] == b['epoch'] == 7
+    out = out / 'fold_0'
+    a, b = load_checkpoint(tmp_path / 'whole' / 'fold_0' / 'checkpoint_final.pth'), load_checkpoint(out / 'checkpoint_final.pth')
+    assert a['current_epoch'] == b['current_epoch'] == 7
     for k in a['network_weights']: assert torch.equal(a['network_weights'][k], b['network_weights'][k]), k
     for (i, s), (j, t) in zip(a['optimizer_state']['state'].items(), b['optimizer_state']['state'].items()):
         assert torch.equal(s['momentum_buffer'], t['momentum_buffer'])
@@ -89,7 +91,7 @@ def test_killed_run_resumes_exactly(tiny3d, tmp_path):
     assert pd.read_csv(out / 'log.csv').epoch.tolist() == list(range(7))
     assert not (out / 'checkpoint_latest.pth').exists() and not list(out.glob('.*.tmp'))
 
-    again = nnlite('train', *args, '-o', out, '--resume', env=env)      # a finished run has nothing left to do
+    again = nnlite('train', *args, '-o', out.parent, '--resume', env=env)      # a finished run has nothing left to do
     assert again.returncode == 0 and 'epoch 6' in again.stdout
     for k, v in weights_of(out / 'checkpoint_final.pth').items(): assert torch.equal(v, b['network_weights'][k])
 
@@ -98,10 +100,15 @@ def test_checkpoint_has_everything_to_resume_and_predict(tiny3d, tmp_path):
     trainer = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=2, val_iterations=1,
                       progress=False).fit()
     ckpt = torch.load(tmp_path / 'run' / 'checkpoint_final.pth', weights_only=True)
-    assert {'network_weights', 'optimizer_state', 'grad_scaler_state', 'epoch', 'schedule', 'log', 'best_ema', 'rng_state',
-            'plans', 'configuration', 'dataset_json', 'fold', 'mirror_axes'} <= set(ckpt)
-    assert ckpt['plans'] == json.loads((tiny3d / 'plans.json').read_text()) and ckpt['configuration'] == '3d_fullres'
-    assert ckpt['schedule']['epochs'] == 2 and ckpt['epoch'] == 2 and len(ckpt['log']) == 2
+    assert {'network_weights', 'optimizer_state', 'grad_scaler_state', 'current_epoch', 'schedule', 'log', '_best_ema',
+            'rng_state', 'init_args', 'trainer_name', 'inference_allowed_mirroring_axes'} <= set(ckpt)
+    args = ckpt['init_args']
+    assert args['plans'] == json.loads((tiny3d / 'plans.json').read_text()) and args['configuration'] == '3d_fullres'
+    assert args['dataset_json'] == json.loads((tiny3d / 'dataset.json').read_text()) and args['fold'] == 0
+    assert ckpt['schedule']['epochs'] == 2 and ckpt['current_epoch'] == 2 and len(ckpt['log']) == 2
+    for k, v in reference_state_dict(trainer.network).items(): assert torch.equal(ckpt['network_weights'][k], v)
+    with pytest.raises(ValueError, match='holds checkpoints of an earlier run'):     # a new run never overwrites one
+        Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=1, progress=False).fit()
     model_dir = tmp_path                  # plans and dataset.json beside the fold folder: a model folder
     assert (model_dir / 'plans.json').exists() and (model_dir / 'dataset.json').exists()
     assert (tmp_path / 'run' / 'progress.png').stat().st_size > 0
@@ -118,6 +125,16 @@ def test_resume_refuses_other_plans(tiny3d, tmp_path):
     with pytest.raises(ValueError, match='other plans'): t.fit(resume=True)
 
 
+def test_killed_after_the_last_best_checkpoint_still_finishes(tiny3d, tmp_path):
+    "A run killed after saving checkpoint_best of its last epoch, before checkpoint_final: resume writes final."
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=1, progress=False).fit()
+    final = tmp_path / 'checkpoint_final.pth'
+    state = load_checkpoint(final); final.unlink()
+    save_checkpoint(tmp_path / 'checkpoint_best.pth', state)
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=1, progress=False).fit(resume=True)
+    assert load_checkpoint(final)['current_epoch'] == 2
+
+
 def test_cli_train_errors_are_one_line(tiny3d, tmp_path):
     r = nnlite('train', tmp_path / 'nowhere', '-q')
     assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
@@ -125,7 +142,7 @@ def test_cli_train_errors_are_one_line(tiny3d, tmp_path):
     assert r.returncode == 1 and 'fold 7 does not exist' in r.stderr
     r = nnlite('train', tiny3d, '-c', '2d', '-q', '-o', tmp_path / 'x')
     assert r.returncode == 1 and "run `nnlite preprocess" in r.stderr
-    (tmp_path / 'bad').mkdir(); (tmp_path / 'bad' / 'checkpoint_latest.pth').write_bytes(b'\0' * 100)
+    (tmp_path / 'bad' / 'fold_0').mkdir(parents=True); (tmp_path / 'bad' / 'fold_0' / 'checkpoint_latest.pth').write_bytes(b'\0' * 100)
     r = nnlite('train', tiny3d, '-c', '3d_fullres', '-o', tmp_path / 'bad', '--resume', '-q')
     assert r.returncode == 1 and 'checkpoint_latest.pth: not a readable checkpoint' in r.stderr
     r = nnlite('train', tiny3d, '-f', 'x')
@@ -160,17 +177,18 @@ def test_ddp_two_gloo_processes_hold_identical_weights(tiny3d, tmp_path):
     assert not torch.equal(a['batch'], b['batch'])                    # each rank samples its own patches
     for k in a['weights']: assert torch.equal(a['weights'][k], b['weights'][k]), k
     final = load_checkpoint(tmp_path / 'out' / 'checkpoint_final.pth')
-    assert final['world_size'] == 2 and final['epoch'] == 2
-    for k in a['weights']: assert torch.equal(final['network_weights'][k], a['weights'][k])
+    assert final['world_size'] == 2 and final['current_epoch'] == 2
+    for k in a['weights']: assert torch.equal(final['network_weights'][reference_key(k)], a['weights'][k])
 
 
 def test_torchrun_cli_train(tiny3d, tmp_path):
-    out = tmp_path / 'run'
+    out = tmp_path / 'model'
     r = torchrun('-m', 'nnunet_lite.cli', 'train', tiny3d, '-c', '3d_fullres', '-f', '1', '--epochs', 2, '--iters', 2,
                  '--val-iters', 1, '--device', 'cpu', '-o', out, tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('training 3d_fullres fold 1') == 1 and 'x 2 processes' in r.stdout   # rank 0 alone speaks
-    assert (out / 'checkpoint_final.pth').exists() and len(pd.read_csv(out / 'log.csv')) == 2
+    assert (out / 'fold_1' / 'checkpoint_final.pth').exists() and len(pd.read_csv(out / 'fold_1' / 'log.csv')) == 2
+    assert (out / 'plans.json').exists() and (out / 'dataset.json').exists()
 
 
 BATCH_DICE_WORKER = '''
@@ -196,4 +214,4 @@ def test_batch_dice_over_ranks_equals_one_process(tmp_path):
     (tmp_path / 'worker.py').write_text(BATCH_DICE_WORKER)
     r = torchrun('worker.py', tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'ok 0' in r.stdout and 'ok 1' in r.stdout
+    assert r.stdout.count('ok') == 2            # both ranks reached the end (their lines may interleave)
