@@ -1,0 +1,103 @@
+"""Prediction as a user runs it: outputs on the input's grid (anisotropic, transposed, cropped, 2D, several
+channels), folders resumed, bad input refused in one line, the `nnlite predict` command, region models."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_lite.cli import plan_dataset
+from nnunet_lite.data import make_synthetic_dataset, read_image, read_label, write_image
+from nnunet_lite.data import test_cases as raw_test_cases
+from nnunet_lite.inference import Predictor
+from nnunet_lite.preprocessing import preprocess_dataset, revert
+from nnunet_lite.training import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def briefly_trained(root: Path, kind: str, configuration: str, **synth) -> tuple[Path, Path]:
+    "(raw dataset, model folder) of a model trained for one short epoch (enough to test the plumbing)."
+    raw = make_synthetic_dataset(root / 'raw', kind, n_train=3, n_test=2, progress=False, **synth)
+    plans = plan_dataset(raw, root / 'pre', progress=False)
+    preprocess_dataset(raw, plans, configuration, root / 'pre', progress=False)
+    trainer = Trainer(root / 'pre', configuration, 'all', epochs=1, iterations=1, val_iterations=0, progress=False).fit()
+    return raw, trainer.output_dir.parent
+
+
+@pytest.mark.parametrize("kind,configuration,synth", [
+    ('ct_aniso', '3d_fullres', dict(shape=(6, 24, 24))),
+    ('mr_aniso', '3d_fullres', dict(shape=(24, 24, 6), spacing=(0.8, 0.8, 5.0))),    # coarse axis last: transposed
+    ('mr', '3d_fullres', dict(shape=(12, 20, 20))),                                  # 2 channels, cropped to non-zero
+    ('ct2d', '2d', dict(shape=(32, 40))),
+])
+def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
+    raw, model = briefly_trained(tmp_path, kind, configuration, **synth)
+    predictor = Predictor(model, progress=False)
+    written = predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out', save_probabilities=True)
+    assert len(written) == 2
+    for case, files in raw_test_cases(raw).items():
+        image, geometry = read_image(files)
+        label, label_geometry = read_label(tmp_path / 'out' / f'{case}{predictor.dataset_json["file_ending"]}')
+        assert label.shape == image.shape[1:] and label_geometry == geometry
+        probabilities = np.load(tmp_path / 'out' / f'{case}.npz')['probabilities']
+        assert probabilities.shape == (predictor.n_outputs, *image.shape[1:])
+        np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=3e-3)
+        assert np.array_equal(probabilities.argmax(0), label) or (probabilities.argmax(0) == label).mean() > 0.999
+    assert (tmp_path / 'out' / 'plans.json').exists()
+
+
+def test_folder_resumes_and_refuses_bad_input(tmp_path):
+    raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
+    predictor = Predictor(model, progress=False)
+    out = tmp_path / 'out'
+    first = predictor.predict_folder(raw / 'imagesTs', out)
+    stamp = first[0].stat().st_mtime_ns
+    assert predictor.predict_folder(raw / 'imagesTs', out) == []          # everything there: nothing to do
+    assert first[0].stat().st_mtime_ns == stamp
+    image, geometry = read_image(raw / 'imagesTs' / 'test_000_0000.nii.gz')
+    write_image(np.concatenate([image, image]), geometry, tmp_path / 'two', 'case_000')   # 2 channels, model wants 1
+    with pytest.raises(Exception, match='case_000 has channels \\[0, 1\\], the model expects \\[0\\]'):
+        predictor.predict_folder(tmp_path / 'two', tmp_path / 'out2')
+    with pytest.raises(FileNotFoundError, match='no images'):
+        predictor.predict_folder(tmp_path / 'nowhere', tmp_path / 'out3')
+
+
+def test_fold_ensemble_and_cli(tmp_path):
+    raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
+    fold_all = model / 'fold_all'
+    os.symlink(fold_all, model / 'fold_0')     # a second "fold" with the same weights: the ensemble equals one fold
+    one = Predictor(model, folds=['all'], progress=False)
+    both = Predictor(model, progress=False)
+    assert both.model['folds'] == [0, 'all']
+    image, geometry = read_image(raw_test_cases(raw)['test_000'])
+    a, pa = one.predict_array(image, geometry, return_probabilities=True)
+    b, pb = both.predict_array(image, geometry, return_probabilities=True)
+    assert np.array_equal(a, b) and np.allclose(pa, pb, atol=1e-5)
+    soft = Predictor(model, fold_merge='softmax', progress=False).predict_array(image, geometry, True)[1]
+    assert np.allclose(soft, pa, atol=1e-4)
+    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'cli',
+                        '-m', model, '-f', 'all', '--no-mirroring', '--step', '1', '-q'], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / 'cli').glob('*.nii.gz')) == ['test_000.nii.gz', 'test_001.nii.gz']
+    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'x',
+                        '-m', tmp_path / 'no_model', '-q'], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
+
+
+def test_region_models_paint_labels_in_order():
+    "revert for regions: sigmoid per region, each region above 0.5 paints its label in regions_class_order."
+    props = {'shape_after_resampling': [1, 2, 3], 'shape_after_cropping_and_before_resampling': [1, 2, 3],
+             'spacing_after_resampling': [1.0, 1.0, 1.0], 'spacing_before_resampling': [1.0, 1.0, 1.0],
+             'shape_before_cropping': [1, 2, 4], 'bbox_used_for_cropping': [[0, 1], [0, 2], [1, 4]],
+             'transpose_backward': [0, 1, 2]}
+    big = 10.0
+    whole = torch.tensor([[[[big, big, big], [big, -big, -big]]]])     # region 'whole' = labels 1, 2, 3
+    core = torch.tensor([[[[-big, big, big], [-big, -big, -big]]]])    # region 'core' = labels 2, 3
+    enh = torch.tensor([[[[-big, -big, big], [-big, -big, -big]]]])    # region 'enhancing' = label 3
+    label = revert(torch.cat([whole, core, enh]), props, regions_class_order=[1, 2, 3])
+    assert label.tolist() == [[[0, 1, 2, 3], [0, 1, 0, 0]]]
