@@ -56,16 +56,32 @@ def test_synth_bad_arguments_are_one_line_errors(tmp_path):
 
 
 def test_demo_runs_and_writes_its_outputs(tmp_path):
-    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "-q")
+    "A tiny demo: every stage runs and writes its outputs (3 cases: fold 'all')."
+    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "--epochs", 2, "--iters", 2, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[1/5]" in r.stdout and "[4/5] preprocess 3d_fullres" in r.stdout and "demo finished" in r.stdout
-    assert (tmp_path / "demo" / "preprocessed" / "plans.json").is_file()
-    raw = tmp_path / "demo" / "Dataset001_SynthCT"
+    for step in ("[1/8]", "[4/8] preprocess 3d_fullres", "[5/8] train fold all", "[6/8] predict", "[7/8] evaluate", "demo finished"):
+        assert step in r.stdout, step
+    demo = tmp_path / "demo"
+    assert (demo / "preprocessed" / "plans.json").is_file()
+    raw = demo / "Dataset001_SynthCT"
     assert json.loads((raw / "dataset.json").read_text())["numTraining"] == 3
-    cases = sorted(p.name for p in (tmp_path / "demo" / "preprocessed" / "3d_fullres").glob("case_*.json"))
+    cases = sorted(p.name for p in (demo / "preprocessed" / "3d_fullres").glob("case_*.json"))
     assert cases == ["case_000.json", "case_001.json", "case_002.json"]
-    for figure in ("case_000.png", "case_000_preprocessed.png"):
-        assert (tmp_path / "demo" / "figures" / figure).stat().st_size > 1000
+    assert (demo / "results" / "3d_fullres" / "fold_all" / "checkpoint_final.pth").is_file()
+    assert sorted(p.name for p in (demo / "predictions").glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz", "test_002.nii.gz"]
+    assert "foreground_mean" in json.loads((demo / "predictions" / "summary.json").read_text())
+    for figure in ("case_000.png", "case_000_preprocessed.png", "training_progress.png", "test_000_prediction.png"):
+        assert (demo / "figures" / figure).stat().st_size > 1000
+
+
+def test_bounded_demo_learns(tmp_path):
+    "A bounded demo (6 cases of 32x48x48, 20 x 12 iterations): the printed mean Dice on the test images has a floor."
+    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 6, "--shape", 32, 48, 48, "--epochs", 20, "--iters", 12, "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "demo" / "predictions" / "summary.json").read_text())
+    organ = summary["mean"]["1"]["Dice"]
+    assert f"mean foreground Dice {summary['foreground_mean']['Dice']:.3f}" in r.stdout
+    assert organ > 0.7, r.stdout[-2000:]
 
 
 def test_synth_is_deterministic_across_processes(tmp_path):
