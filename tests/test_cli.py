@@ -75,13 +75,13 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
 
 
 def test_bounded_demo_learns(tmp_path):
-    "A bounded demo (6 cases of 32x48x48, 20 x 12 iterations): the printed mean Dice on the test images has a floor."
+    """A bounded demo (6 cases of 32x48x48, 20 x 12 iterations, about 2 minutes on 2 cores): the Dice it prints on the
+    test images has a floor (measured: organ 0.80, vessel 0.84; the faint lesion needs a longer schedule)."""
     r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 6, "--shape", 32, 48, 48, "--epochs", 20, "--iters", 12, "-q")
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((tmp_path / "demo" / "predictions" / "summary.json").read_text())
-    organ = summary["mean"]["1"]["Dice"]
     assert f"mean foreground Dice {summary['foreground_mean']['Dice']:.3f}" in r.stdout
-    assert organ > 0.7, r.stdout[-2000:]
+    assert summary["mean"]["1"]["Dice"] > 0.6 and summary["foreground_mean"]["Dice"] > 0.4, r.stdout[-2000:]
 
 
 def test_synth_is_deterministic_across_processes(tmp_path):
