@@ -135,7 +135,9 @@ def test_cli_preprocess(datasets, tmp_path):
     assert (tmp_path / "elsewhere" / "plans.json").is_file() and (tmp_path / "elsewhere" / "dataset.json").is_file()
     plans = json.loads((tmp_path / "plans" / "plans.json").read_text())
     expected = sorted(c for c in ("2d", "3d_fullres", "3d_lowres") if c in plans["configurations"])
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir() if p.is_dir()) == expected
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir() if p.is_dir()) == sorted(expected + ["gt_segmentations"])
+    gt = sorted(p.name for p in (tmp_path / "elsewhere" / "gt_segmentations").iterdir())   # the labels, for validation
+    assert gt == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
 
 
 def test_cli_preprocess_errors_are_one_line(datasets, tmp_path):
