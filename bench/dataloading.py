@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import abba                         # bench/common.py
 from preprocess import set_reference_paths   # bench/preprocess.py: point nnunetv2 at folders under a root
 
 DATASET_NAME = 'Dataset988_BenchLoader'
@@ -202,12 +203,8 @@ def main(argv=None):
               f"{source_patch_size(cfg['patch_size'], g['rotation'], g['dummy_2d'])}, strides "
               f"{cfg['architecture']['arch_kwargs']['strides']}; {args.workers} reference workers / our reading threads, "
               f"torch threads {torch.get_num_threads()}, our augmentation on {args.device}")
-        results = {'reference': [], 'nnunet_lite': []}
-        for _ in range(args.rounds):
-            for tool in ('reference', 'nnunet_lite', 'nnunet_lite', 'reference'):
-                rate = run_reference(pre, args) if tool == 'reference' else run_ours(pre, plans, args)
-                results[tool].append(rate)
-                print(f"  {tool:12s} {rate:6.2f} batches/s")
+        results = abba(args.rounds, lambda tool: run_reference(pre, args) if tool == 'reference' else run_ours(pre, plans, args),
+                       lambda rate: f"{rate:6.2f} batches/s")
         ref, ours = statistics.mean(results['reference']), statistics.mean(results['nnunet_lite'])
         print(f"\n{'':12s} {'batches/s (mean)':>17s} {'best':>7s}")
         for tool in results:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import abba, precisions   # bench/common.py
 from preprocess import set_reference_paths   # bench/preprocess.py: point nnunetv2 at folders under a root
 
 
@@ -142,18 +143,11 @@ def main(argv=None):
     set_reference_paths(root)
     try:
         images, model = build(args, root)
-        from nnunet_lite.training import amp_dtype
-        import torch
-        ours_precision = 'float32' if args.no_amp else str(amp_dtype(torch.device(args.device))).replace('torch.', '').replace('None', 'float32')
-        print(f"device {args.device}; step {args.step}, mirroring {not args.no_mirroring}; reference "
-              f"{'float16 autocast' if args.device.startswith('cuda') else 'float32'} with {args.workers} preprocessing/export "
-              f"processes, nnunet_lite {ours_precision} with one reading thread")
-        results = {'reference': [], 'nnunet_lite': []}
-        for _ in range(args.rounds):
-            for tool in ('reference', 'nnunet_lite', 'nnunet_lite', 'reference'):
-                r = run(tool, args, images, model, root / f'pred_{tool}')
-                results[tool].append(r)
-                print(f"  {tool:12s} " + ', '.join(f"{k} {v:6.2f} s" for k, v in r.items()), flush=True)
+        reference_precision, ours_precision = precisions(args.device, args.no_amp)
+        print(f"device {args.device}; step {args.step}, mirroring {not args.no_mirroring}; reference {reference_precision} "
+              f"with {args.workers} preprocessing/export processes, nnunet_lite {ours_precision} with one reading thread")
+        results = abba(args.rounds, lambda tool: run(tool, args, images, model, root / f'pred_{tool}'),
+                       lambda r: ', '.join(f"{k} {v:6.2f} s" for k, v in r.items()))
         print(f"\n{'':12s} {'whole process':>14s} {'per case':>9s} {'start-up + load':>16s} {'predict':>8s}  (means, s)")
         means = {}
         for tool, rs in results.items():

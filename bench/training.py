@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from common import abba, precisions   # bench/common.py
 from dataloading import build   # bench/dataloading.py: dataset, plans, our preprocessed folder and the reference's copy
 
 
@@ -143,20 +144,14 @@ def main(argv=None):
         if not (pre / 'dataset_fingerprint.json').exists():   # the reference's trainer copies it to its results folder
             (pre / 'dataset_fingerprint.json').write_text('{}')
         cfg = plans['configurations']['3d_fullres']
-        from nnunet_lite.training import amp_dtype
-        ours_dtype = amp_dtype(torch.device(args.device)) if not args.no_amp else None
-        print(f"precision: reference {'float16 autocast' if args.device.startswith('cuda') else 'float32'}, nnunet_lite "
-              f"{str(ours_dtype).split('.')[-1] + ' autocast' if ours_dtype else 'float32'}")
+        reference_precision, ours_precision = precisions(args.device, args.no_amp)
+        print(f"precision: reference {reference_precision}, nnunet_lite {ours_precision}")
         print(f"plan: patch {cfg['patch_size']}, batch {cfg['batch_size']}, features "
               f"{cfg['architecture']['arch_kwargs']['features_per_stage']}; device {args.device}, {args.workers} reference "
               f"workers / our reading threads, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
-        results = {'reference': [], 'nnunet_lite': []}
-        for _ in range(args.rounds):
-            for tool in ('reference', 'nnunet_lite', 'nnunet_lite', 'reference'):
-                out = root / 'results' / tool
-                r = run_reference(pre, plans, args, out) if tool == 'reference' else run_ours(pre, args, out)
-                results[tool].append(r)
-                print(f"  {tool:12s} " + ', '.join(f"{v:7.3f} {k}" for k, v in r.items()), flush=True)
+        measure = lambda tool: (run_reference(pre, plans, args, root / 'results' / tool) if tool == 'reference'
+                                else run_ours(pre, args, root / 'results' / tool))
+        results = abba(args.rounds, measure, lambda r: ', '.join(f"{v:7.3f} {k}" for k, v in r.items()))
         for key in results['reference'][0]:
             ref = [r[key] for r in results['reference']]; ours_t = [r[key] for r in results['nnunet_lite']]
             print(f"\n{key:28s} {'mean':>8s} {'best':>8s}")
