@@ -109,11 +109,11 @@ def build(args, root: Path):
 def write_reference_copy(ours: Path, theirs: Path, plans: dict):
     "Our preprocessed cases in the reference's format: blosc2 arrays chunked as its preprocessor does, locations (n, 4)."
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-    from nnunet_lite.preprocessing import load_case, preprocessed_cases
+    from nnunet_lite.preprocessing import load_preprocessed_case, preprocessed_cases
     theirs.mkdir(parents=True, exist_ok=True)
     patch = tuple(plans['configurations']['3d_fullres']['patch_size'])
     for case in preprocessed_cases(ours):
-        data, seg, props = load_case(ours, case, mmap=False)
+        data, seg, props = load_preprocessed_case(ours, case, mmap=False)
         data, seg = np.ascontiguousarray(data, np.float32), np.ascontiguousarray(seg, np.int8 if seg.max() <= 127 else np.int16)
         locations = {c: np.concatenate([np.zeros((len(v), 1), np.int64), v], 1) if len(v) else []
                      for c, v in props['class_locations'].items()}

@@ -92,7 +92,7 @@ print(json.dumps({'start-up + load': t1 - t0, 'predict': time.perf_counter() - t
 
 def build(args, root: Path) -> tuple[Path, Path]:
     "(test image folder, model folder): dataset, plans, preprocessing and a one-iteration model (reused with --out)."
-    from nnunet_lite.cli import plan_dataset
+    from nnunet_lite.plans import plan_dataset
     from nnunet_lite.data import make_synthetic_dataset
     from nnunet_lite.preprocessing import preprocess_dataset
     from nnunet_lite.training import Trainer

@@ -233,7 +233,7 @@ def _same_locations(ref: dict, ours: dict) -> bool:
 def check_agreement(args, ref_folder: Path, our_folder: Path):
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-    from nnunet_lite.preprocessing import load_case, preprocessed_cases
+    from nnunet_lite.preprocessing import load_preprocessed_case, preprocessed_cases
     cases = preprocessed_cases(our_folder)[:args.check_cases]
     ref = nnUNetDatasetBlosc2(str(ref_folder), identifiers=cases)
     print(f"\nagreement ({len(cases)} cases):")
@@ -241,7 +241,7 @@ def check_agreement(args, ref_folder: Path, our_folder: Path):
     for case in cases:
         rd, rs, _, rp = ref.load_case(case)
         rd, rs = np.asarray(rd[:]), np.asarray(rs[:])
-        od, os_, op = load_case(our_folder, case, mmap=False)
+        od, os_, op = load_preprocessed_case(our_folder, case, mmap=False)
         if rd.shape != od.shape or rs.shape != os_.shape:
             print(f"  {case}: SHAPES DIFFER: reference image {rd.shape} label {rs.shape}, ours {od.shape} {os_.shape}")
             ok = False; continue

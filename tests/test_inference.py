@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_lite.cli import plan_dataset
+from nnunet_lite.plans import plan_dataset
 from nnunet_lite.data import make_synthetic_dataset, read_image, read_label, write_image
-from nnunet_lite.data import test_cases as raw_test_cases
+from nnunet_lite.data import held_out_cases
 from nnunet_lite.inference import Predictor
 from nnunet_lite.preprocessing import preprocess_dataset, revert
 from nnunet_lite.training import Trainer
@@ -40,7 +40,7 @@ def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
     predictor = Predictor(model, progress=False)
     written = predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out', save_probabilities=True)
     assert len(written) == 2
-    for case, files in raw_test_cases(raw).items():
+    for case, files in held_out_cases(raw).items():
         image, geometry = read_image(files)
         label, label_geometry = read_label(tmp_path / 'out' / f'{case}{predictor.dataset_json["file_ending"]}')
         assert label.shape == image.shape[1:] and label_geometry == geometry
@@ -74,7 +74,7 @@ def test_fold_ensemble_and_cli(tmp_path):
     one = Predictor(model, folds=['all'], progress=False)
     both = Predictor(model, progress=False)
     assert both.model['folds'] == [0, 'all']
-    image, geometry = read_image(raw_test_cases(raw)['test_000'])
+    image, geometry = read_image(held_out_cases(raw)['test_000'])
     a, pa = one.predict_array(image, geometry, return_probabilities=True)
     b, pb = both.predict_array(image, geometry, return_probabilities=True)
     assert np.array_equal(a, b) and np.allclose(pa, pb, atol=1e-5)

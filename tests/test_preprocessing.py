@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from nnunet_lite.data import Geometry, read_dataset_json, read_label, training_cases, write_label
-from nnunet_lite.data import test_cases as list_test_cases
+from nnunet_lite.data import held_out_cases
 from nnunet_lite.fingerprint import extract_fingerprint
 from nnunet_lite.plans import plan_experiment, save_plans
-from nnunet_lite.preprocessing import (DatasetError, case_is_done, label_to_logits, load_case, preprocess_case,
+from nnunet_lite.preprocessing import (DatasetError, case_is_done, label_to_logits, load_preprocessed_case, preprocess_case,
                                        preprocess_dataset, preprocessed_cases, revert)
 
 
@@ -36,7 +36,7 @@ def test_dataset_round_trip_through_revert(datasets, tmp_path, kind):
     folder = preprocess_dataset(ds, plans, config, tmp_path, progress=False)
     n_classes = len(read_dataset_json(ds)["labels"])
     for case, files in training_cases(ds).items():
-        data, seg, props = load_case(folder, case)
+        data, seg, props = load_preprocessed_case(folder, case)
         assert isinstance(data, np.memmap) and data.dtype == np.float32
         label, geometry = read_label(files["label"])
         back = revert(label_to_logits(np.asarray(seg), n_classes), props, plans["configurations"][config])
@@ -49,7 +49,7 @@ def test_dataset_round_trip_through_revert(datasets, tmp_path, kind):
 def test_test_case_without_label(datasets):
     ds = datasets["mr"]
     plans = plans_for(ds)
-    files = next(iter(list_test_cases(ds).values()))
+    files = next(iter(held_out_cases(ds).values()))
     data, seg, props = preprocess_case(files, None, plans, "3d_fullres")
     assert "class_locations" not in props
     assert set(np.unique(seg)) <= {-1, 0}           # only the body mask
@@ -106,7 +106,7 @@ def test_other_plans_are_refused_unless_overwrite(datasets, tmp_path):
     with pytest.raises(DatasetError, match="other plans"):
         preprocess_dataset(ds, other, "3d_fullres", tmp_path, progress=False)
     folder = preprocess_dataset(ds, other, "3d_fullres", tmp_path, progress=False, overwrite=True)
-    assert load_case(folder, "case_000")[2]["spacing_after_resampling"] == [2.0, 2.0, 2.0]
+    assert load_preprocessed_case(folder, "case_000")[2]["spacing_after_resampling"] == [2.0, 2.0, 2.0]
 
 
 def test_parallel_equals_serial(datasets, tmp_path):
@@ -115,7 +115,7 @@ def test_parallel_equals_serial(datasets, tmp_path):
     serial = preprocess_dataset(ds, plans, "3d_fullres", tmp_path / "serial", progress=False)
     parallel = preprocess_dataset(ds, plans, "3d_fullres", tmp_path / "parallel", workers=2, progress=False)
     for case in preprocessed_cases(serial):
-        a, b = load_case(serial, case), load_case(parallel, case)
+        a, b = load_preprocessed_case(serial, case), load_preprocessed_case(parallel, case)
         np.testing.assert_array_equal(a[0], b[0]); np.testing.assert_array_equal(a[1], b[1])
         for c in a[2]["class_locations"]: np.testing.assert_array_equal(a[2]["class_locations"][c], b[2]["class_locations"][c])
 
@@ -167,7 +167,7 @@ def test_interrupted_overwrite_never_leaves_mixed_settings(dataset_copy, tmp_pat
         preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False, overwrite=True)
     monkeypatch.setattr(pp, "preprocess_case", real)
     preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False)
-    spacings = [load_case(folder, c)[2]["spacing_after_resampling"] for c in preprocessed_cases(folder)]
+    spacings = [load_preprocessed_case(folder, c)[2]["spacing_after_resampling"] for c in preprocessed_cases(folder)]
     assert spacings == [[2.0, 2.0, 2.0]] * 3
 
 

@@ -4,7 +4,8 @@ import torch
 
 from nnunet_lite.augmentation import blur_along, gaussian_kernels
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from batchgeneratorsv2.transforms.noise.gaussian_blur import blur_dimension  # noqa: E402
 
 

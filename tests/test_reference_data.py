@@ -6,7 +6,8 @@ import pytest
 
 from nnunet_lite.data import check_dataset, read_dataset_json, read_image, read_label, training_cases, write_label
 
-nnunetv2 = pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
+from reference_oracle import require_reference  # noqa: E402
+nnunetv2 = require_reference()
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity  # noqa: E402
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json  # noqa: E402
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets  # noqa: E402

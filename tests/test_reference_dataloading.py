@@ -8,7 +8,8 @@ import pytest
 from nnunet_lite.dataloading import (augmentation_geometry, forced_foreground, foreground_box, source_patch_size,
                                      start_bounds)
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 

@@ -10,7 +10,8 @@ import pytest
 from nnunet_lite.data import Geometry, write_label
 from nnunet_lite.evaluation import case_metrics, evaluate_folder
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics, compute_metrics_on_folder  # noqa: E402
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO  # noqa: E402
 

@@ -7,7 +7,8 @@ from nnunet_lite.data import read_dataset_json
 from nnunet_lite.fingerprint import extract_fingerprint
 from nnunet_lite.plans import plan_experiment
 
-pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from reference_oracle import reference_fingerprint, reference_plans  # noqa: E402
 
 

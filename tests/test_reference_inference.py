@@ -8,7 +8,8 @@ import torch
 
 from nnunet_lite.inference import gaussian_importance, pad_to_patch, sliding_window_predict, sliding_window_steps
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from acvl_utils.cropping_and_padding.padding import pad_nd_image  # noqa: E402
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window  # noqa: E402
 

@@ -9,7 +9,8 @@ from nnunet_lite.fingerprint import extract_fingerprint
 from nnunet_lite.network import build_network, count_parameters, load_reference_weights, n_outputs, reference_state_dict
 from nnunet_lite.plans import plan_experiment
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # noqa: E402
 from nnunetv2.utilities.label_handling.label_handling import LabelManager  # noqa: E402
 

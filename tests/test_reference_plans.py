@@ -5,7 +5,8 @@ import pytest
 
 from nnunet_lite.plans import (conv_feature_map_size, features_per_stage, plan_experiment, pool_and_conv_props)
 
-pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from reference_oracle import make_fingerprint, reference_plans  # noqa: E402
 
 

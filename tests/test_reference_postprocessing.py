@@ -12,7 +12,8 @@ import pytest
 from nnunet_lite.data import Geometry, read_label, write_label
 from nnunet_lite.postprocessing import determine_postprocessing, keep_largest
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.postprocessing.remove_connected_components import (  # noqa: E402
     determine_postprocessing as reference_determine, remove_all_but_largest_component_from_segmentation)
 

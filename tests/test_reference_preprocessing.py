@@ -12,13 +12,14 @@ import torch
 from scipy import ndimage
 
 from nnunet_lite.data import make_synthetic_dataset, read_dataset_json, training_cases
-from nnunet_lite.data import test_cases as unlabelled_cases  # (a `test_` name would be collected by pytest)
+from nnunet_lite.data import held_out_cases
 from nnunet_lite.fingerprint import extract_fingerprint
 from nnunet_lite.plans import plan_experiment
-from nnunet_lite.preprocessing import (load_case, preprocess_case, preprocess_dataset, resample_image, resample_label,
+from nnunet_lite.preprocessing import (load_preprocessed_case, preprocess_case, preprocess_dataset, resample_image, resample_label,
                                        revert, sample_class_locations)
 
-pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.inference.export_prediction import \
     convert_predicted_logits_to_segmentation_with_correct_shape  # noqa: E402
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor  # noqa: E402
@@ -74,7 +75,7 @@ class _Planned:
         "[(case_id, image files, label file or None)]: the training cases and the test case (no label)."
         folder, dataset_json, _ = self.dataset(name)
         return ([(k, v["images"], v["label"]) for k, v in training_cases(folder, dataset_json).items()]
-                + [(k, files, None) for k, files in unlabelled_cases(folder, dataset_json).items()])
+                + [(k, files, None) for k, files in held_out_cases(folder, dataset_json).items()])
 
     def results(self, name, configuration):
         "[(case_id, has_label, ours (data, seg, props), reference (data, seg, props))] for every case."
@@ -202,7 +203,7 @@ def test_preprocess_dataset_and_load_case_equal_reference(planned, tmp_path):
     out = preprocess_dataset(folder, plans, "3d_fullres", tmp_path, workers=1, progress=False)
     cases = training_cases(folder, dataset_json)
     for case_id, v in cases.items():
-        data, seg, props = load_case(out, case_id)
+        data, seg, props = load_preprocessed_case(out, case_id)
         rdata, rseg, rprops = reference_preprocess_case(v["images"], v["label"], plans, "3d_fullres", dataset_json)
         assert_image_close(np.asarray(data), rdata, case_id)
         assert_labels_equal(np.asarray(seg), rseg, case_id)

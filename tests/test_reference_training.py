@@ -8,7 +8,8 @@ import torch
 from nnunet_lite.training import (crossval_splits, deep_supervision_loss, deep_supervision_weights, dice_ce_loss,
                                   make_optimizer, poly_lr, pseudo_dice, region_dice_bce_loss, set_lr, tp_fp_fn)
 
-pytest.importorskip("nnunetv2")
+from reference_oracle import require_reference  # noqa: E402
+require_reference()
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss  # noqa: E402
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper  # noqa: E402
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss  # noqa: E402
@@ -114,7 +115,7 @@ def test_pseudo_dice_equals_reference_formula():
 
 @pytest.fixture(scope='module')
 def tiny_preprocessed(tmp_path_factory):
-    from nnunet_lite.cli import plan_dataset
+    from nnunet_lite.plans import plan_dataset
     from nnunet_lite.data import make_synthetic_dataset
     from nnunet_lite.preprocessing import preprocess_dataset
     root = tmp_path_factory.mktemp('trainer_vs_reference')

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nnunet_lite.cli import plan_dataset
+from nnunet_lite.plans import plan_dataset
 from nnunet_lite.data import make_synthetic_dataset
 from nnunet_lite.preprocessing import preprocess_dataset
 from nnunet_lite.network import reference_key, reference_state_dict
