@@ -28,8 +28,8 @@ def draw_uniform(n, low: float, high: float, generator: torch.Generator) -> torc
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 def draw_around_one(n, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    """Factors drawn half from U(low, 1) and half from U(1, high): shrinking and growing equally often (the
-    reference's BGContrast)."""
+    """Factors drawn half from U(low, 1) and half from U(1, high):
+    shrinking and growing equally often (the reference's BGContrast)."""
     below = draw_mask(n, 0.5, generator) & (low < 1)
     return torch.where(
         below, draw_uniform(n, low, 1.0, generator), draw_uniform(n, max(low, 1.0), high, generator))
@@ -82,8 +82,8 @@ def _reflect_index(n: int, pad: int) -> torch.Tensor:
     return torch.where(i >= n, period - i, i) if n > 1 else torch.zeros_like(i)
 
 def blur_along(x: torch.Tensor, kernels: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve each (sample, channel) of `x` (B, C, *spatial) along `axis` with its kernel from `kernels` (B,
-    C, width), reflect padding."""
+    """Convolve each (sample, channel) of `x` (B, C, *spatial) along `axis`
+    with its kernel from `kernels` (B, C, width), reflect padding."""
     width = kernels.shape[-1]
     n = x.shape[axis]
     padded = torch.index_select(x, axis, _reflect_index(n, width // 2).to(x.device))
@@ -248,8 +248,8 @@ def affine_sampling_grid(affines: torch.Tensor, source_size, patch_size) -> torc
     return F.affine_grid(theta, [len(m), 1, *patch_size], align_corners=False)
 
 def centre_crop(x: torch.Tensor, patch_size, pad_value) -> torch.Tensor:
-    """The box of `patch_size` starting at S//2 - P//2 of each sample (the reference's crop when nothing was
-    drawn), padded where it leaves x."""
+    """The box of `patch_size` starting at S//2 - P//2 of each sample
+    (the reference's crop when nothing was drawn), padded where it leaves x."""
     out = x.new_full((*x.shape[:2], *patch_size), pad_value)
     source, target = [slice(None)] * 2, [slice(None)] * 2
     for n, p in zip(x.shape[2:], patch_size):
@@ -271,12 +271,9 @@ def resample_labels_by_class(seg: torch.Tensor, grid: torch.Tensor) -> torch.Ten
         score = F.grid_sample(indicator, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
         scores.append(score + 1 if label == -1 else score)
     scores = torch.cat(scores, 1)
-    nearest = (
-        F.grid_sample((seg + 1).float(), grid, mode='nearest', padding_mode='zeros', align_corners=False)
-        .round()
-        .long()
-        - 1
-    )
+    shifted = (seg + 1).float()   # labels from 0, so that zero padding reads as -1 after the shift back
+    nearest = F.grid_sample(shifted, grid, mode='nearest', padding_mode='zeros', align_corners=False)
+    nearest = nearest.round().long() - 1
     best, winner = scores.max(1, keepdim=True)
     nearest_score = torch.gather(scores, 1, torch.searchsorted(labels, nearest.to(labels.dtype).contiguous()))
     return torch.where(nearest_score == best, nearest, labels[winner].long()).to(seg.dtype)
@@ -338,8 +335,8 @@ def spatial_transform(data: torch.Tensor, seg: torch.Tensor, patch_size, generat
     moved = drawn['rotated'] | drawn['scaled']
     for i in moved.nonzero()[:, 0].tolist():   # sample by sample: no copy of the large source patches
         grid = affine_sampling_grid(drawn['affine'][i:i + 1], data.shape[2:], patch_size).to(data.device)
-        image[i : i + 1] = F.grid_sample(
-            data[i : i + 1].float(), grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        image[i:i + 1] = F.grid_sample(data[i:i + 1].float(), grid, mode='bilinear', padding_mode='zeros',
+                                       align_corners=False)
         label[i:i + 1] = resample_labels_linear(seg[i:i + 1], grid)
     return image, label, drawn
 
@@ -359,21 +356,13 @@ def remove_outside_label(seg: torch.Tensor) -> torch.Tensor:
 
 def labels_to_regions(seg: torch.Tensor, regions) -> torch.Tensor:
     "(B, 1, ...) labels → (B, R, ...) booleans, channel r true where the label is one of `regions[r]`."
-    return torch.cat(
-        [
-            torch.isin(
-                seg[:, :1],
-                torch.as_tensor(
-                    r if isinstance(r, (list, tuple)) else [r], device=seg.device, dtype=seg.dtype),
-            )
-            for r in regions
-        ],
-        1,
-    )
+    members = [torch.as_tensor(r if isinstance(r, (list, tuple)) else [r], device=seg.device, dtype=seg.dtype)
+               for r in regions]
+    return torch.cat([torch.isin(seg[:, :1], m) for m in members], 1)
 
 def deep_supervision_scales(strides) -> list[list[float]]:
-    """Per deep-supervision output the scale of its label per axis: 1 / cumulative product of the strides,
-    coarsest stage dropped."""
+    """Per deep-supervision output the scale of its label per axis:
+    1 / cumulative product of the strides, coarsest stage dropped."""
     scales, product = [], [1] * len(strides[0])
     for stride in strides[:-1]:
         product = [a * b for a, b in zip(product, stride)]
@@ -445,6 +434,6 @@ def applied_transforms(drawn: dict) -> list[list[str]]:
         if drawn['gamma']['applied'][i]: done.append(f"γ {drawn['gamma']['gamma'][i, 0]:.2f}")
         flips = drawn['mirror']['flips'][i]
         if flips.any():
-            done.append('flip ' + ''.join('zyx'[-len(flips) :][a] for a in range(len(flips)) if flips[a]))
+            done.append('flip ' + ''.join('zyx'[-len(flips):][a] for a in range(len(flips)) if flips[a]))
         out.append(done)
     return out

@@ -130,15 +130,9 @@ def add_preprocess_command(sub):
         'preprocess', help='preprocess the training cases of a dataset for one or more configurations')
     pp.add_argument('dataset_dir', type=Path, help='raw dataset folder (nnU-Net v2 layout)')
     pp.add_argument('plans', type=Path, help='plans.json, or the folder holding it (from nnlite plan)')
-    pp.add_argument(
-        '-c',
-        '--configurations',
-        nargs='+',
-        default=None,
-        metavar='CONFIG',
-        help=f"configurations to preprocess (default: those of {', '.join(DEFAULT_CONFIGURATIONS)} "
-        f"in the plans)",
-    )
+    pp.add_argument('-c', '--configurations', nargs='+', default=None, metavar='CONFIG',
+                    help="configurations to preprocess (default: those of "
+                         f"{', '.join(DEFAULT_CONFIGURATIONS)} in the plans)")
     pp.add_argument('-o', '--out', type=Path, default=None,
                     help="output folder (default: the plans' folder); cases go to OUT/CONFIG/")
     pp.add_argument('-np', '--workers', type=int, default=2, help='worker processes (default 2)')
@@ -323,7 +317,7 @@ def add_postprocess_command(sub):
         'postprocess', help='keep-the-largest-component post-processing: determine it, or apply it')
     actions = pp.add_subparsers(dest='action', required=True, metavar='ACTION')
     det = actions.add_parser(
-        'determine', help='choose the steps on (cross-validation) predictions against references')
+        'determine', help='choose the steps on (cross-validation) predictions against their references')
     det.add_argument('pred_dir', type=Path); det.add_argument('gt_dir', type=Path)
     det.add_argument('-d', '--dataset-json', type=Path, default=None,
                      help='dataset.json (default: beside the predictions or references)')
@@ -448,8 +442,9 @@ def cmd_demo(args) -> int:
             f" {trainer.device}; last epoch: train loss {last['train_loss']:.3f}, validation pseudo Dice"
             f" {last['mean_fg_dice']:.3f}"
         )
-        if validation: print(f"  validation cases predicted whole: mean foreground Dice "
-                              f"{validation['foreground_mean']['Dice']:.3f}")
+        if validation:
+            print(f"  validation cases predicted whole: mean foreground Dice "
+                  f"{validation['foreground_mean']['Dice']:.3f}")
     predictions = out / 'predictions'
     with stage("predict the test images (sliding window, Gaussian weighting, mirroring)", 6, total):
         predictor = Predictor(model_dir, device=args.device, progress=not args.quiet)

@@ -57,8 +57,8 @@ def file_ending_of(path) -> str:
 # %% ../nbs/00_data.ipynb #5c3877c5
 @dataclass(frozen=True)
 class Geometry:
-    """Where an image's voxels are: spacing in array order (z, y,
-    x); origin and direction as the file stores them."""
+    """Where an image's voxels are: spacing in array order
+    (z, y, x); origin and direction as the file stores them."""
     spacing: tuple    # mm per voxel along (z, y, x); a 2D file gets a nominal z spacing
     origin: tuple     # world position of voxel 0, SimpleITK order (x, y[, z])
     direction: tuple  # direction cosines, row-major, SimpleITK order (4 values for 2D, 9 for 3D)
@@ -149,15 +149,18 @@ def read_json(path, what: str = '', hint: str = '') -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
+_TEMPORARY_NAME = re.compile(r'\..+\.[0-9a-f]{8}\.tmp(\.[\w.]+)?')   # what temporary_path makes
+
 def remove_stale_temporaries(folder) -> int:
     "Delete the temporary files a killed run left in `folder` (see `atomic_write`); how many there were."
-    stale = list(Path(folder).glob('.*.tmp*'))
+    if not Path(folder).is_dir(): return 0
+    stale = [p for p in Path(folder).iterdir() if p.is_file() and _TEMPORARY_NAME.fullmatch(p.name)]
     for p in stale: p.unlink(missing_ok=True)
     return len(stale)
 
 def write_file(array: np.ndarray, geometry: Geometry, path) -> Path:
-    """Write one `(z, y, x)` array (or `(c, z, y, x)` with c > 1
-    as vector pixels) with its geometry, atomically."""
+    """Write one `(z, y, x)` array (or `(c, z, y, x)` with c > 1 as vector pixels)
+    with its geometry, atomically."""
     array = np.asarray(array)
     vector = array.ndim == 4
     if vector and array.shape[0] == 1: array, vector = array[0], False
@@ -260,14 +263,14 @@ def dataset_json_problems(d: dict, where: str = 'dataset.json') -> list[Problem]
     return problems
 
 def label_values(d: dict) -> list[int]:
-    """The label values that may appear in a label map (regions
-    contribute their members; the ignore label too)."""
+    """The label values that may appear in a label map
+    (regions contribute their members; the ignore label too)."""
     return sorted({x for v in d['labels'].values() for x in (v if isinstance(v, (list, tuple)) else [v])})
 
 def foreground_regions(d: dict) -> list | None:
-    """Region-based datasets (some label given as a list of several values): the foreground labels' values in
-    dataset.json order — a list as a tuple, a single value as an int — without background and ignore;
-    otherwise None."""
+    """Region-based datasets (some label given as a list of several values): the foreground labels'
+    values in dataset.json order — a list as a tuple, a single value as an int — without background
+    and ignore; otherwise None."""
     values = [v for k, v in d['labels'].items() if k != 'ignore']
     if not any(isinstance(v, (list, tuple)) and len(v) > 1 for v in values): return None
     regions = [tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else int(v) for v in values]
@@ -275,16 +278,18 @@ def foreground_regions(d: dict) -> list | None:
 
 def label_key(label) -> str:
     "A label (int) or region (tuple of labels) as a JSON key, as the reference writes them: '1', '(1, 2)'."
-    return str(tuple(label)) if isinstance(label, (tuple, list)) else str(int(label))
+    return str(tuple(int(x) for x in label)) if isinstance(label, (tuple, list)) else str(int(label))
 
 def label_from_key(key: str):
     "The label or region a `label_key` names (also reads the older '1,2' form)."
-    parts = [int(p) for p in key.strip('()[] ').split(',') if p.strip()]
+    try: parts = [int(p) for p in key.strip('()[] ').split(',') if p.strip()]
+    except ValueError: parts = []
+    if not parts: raise ValueError(f"{key!r} names no label or region")
     return tuple(parts) if ',' in key else parts[0]
 
 def read_dataset_json(folder) -> dict:
-    """Load and validate `folder/dataset.json` (or a dataset.json file
-    given directly); raise `DatasetError` naming every problem."""
+    """Load and validate `folder/dataset.json` (or a dataset.json file given directly);
+    raise `DatasetError` naming every problem."""
     path = (
         Path(folder)
         if Path(folder).suffix == '.json' and not Path(folder).is_dir()
@@ -310,8 +315,8 @@ def write_dataset_json(folder, channel_names: dict, labels: dict, num_training: 
 def _channel_pattern(file_ending: str): return re.compile(r'(.+)_(\d{4})' + re.escape(file_ending))
 
 def list_image_files(folder, file_ending: str) -> tuple[dict[str, dict[int, Path]], list[Path]]:
-    """Group `folder`'s image files by case: {case_id: {channel:
-    path}}, plus the files that do not fit the naming."""
+    """Group `folder`'s image files by case: {case_id: {channel: path}},
+    plus the files that do not fit the naming."""
     pattern, cases, strays = _channel_pattern(file_ending), {}, []
     folder = Path(folder)
     if not folder.is_dir(): return cases, strays
@@ -322,8 +327,8 @@ def list_image_files(folder, file_ending: str) -> tuple[dict[str, dict[int, Path
     return cases, strays
 
 def training_cases(dataset_dir, dataset_json: dict | None = None) -> dict[str, dict]:
-    """Every training case: {case_id: {'images': [paths], 'label':
-    path}} from the folders (or dataset.json's 'dataset')."""
+    """Every training case: {case_id: {'images': [paths], 'label': path}}
+    from the folders (or dataset.json's 'dataset')."""
     dataset_dir = Path(dataset_dir)
     d = dataset_json or read_dataset_json(dataset_dir)
     if 'dataset' in d:
@@ -456,8 +461,8 @@ def _case_shape_spacing(spec: SynthSpec, rng):
     shape = tuple(max(4, int(round(n * rng.uniform(1 - j, 1 + j)))) for n in spec.shape)
     sj = spec.spacing_jitter
     z_scale, plane_scale = rng.uniform(1 - sj, 1 + sj, size=2)
-    spacing = tuple(float(s) * (plane_scale if (spec.is_2d or i > 0) else z_scale) for i,
-                    s in enumerate(spec.spacing))
+    spacing = tuple(float(s) * (plane_scale if (spec.is_2d or i > 0) else z_scale)
+                    for i, s in enumerate(spec.spacing))
     if spec.is_2d: shape = (1,) + shape
     return shape, spacing
 
@@ -551,20 +556,17 @@ def _write_synthetic_case(spec: SynthSpec, out: Path, split: int, index: int) ->
 
 def make_synthetic_dataset(out_dir, kind: str = 'ct', workers: int = 2, progress: bool = True,
                            **overrides) -> Path:
-    """Write a synthetic raw dataset of `kind` (see `SYNTH_KINDS`;
-    any `SynthSpec` field can be overridden) to `out_dir`."""
+    """Write a synthetic raw dataset of `kind`
+    (see `SYNTH_KINDS`; any `SynthSpec` field can be overridden) to `out_dir`."""
     spec = synth_spec(kind, **overrides)
     out = Path(out_dir)
     jobs = [(0, i) for i in range(spec.n_train)] + [(1, i) for i in range(spec.n_test)]
     run = lambda job: _write_synthetic_case(spec, out, *job)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(tqdm(pool.map(run, jobs), total=len(jobs), desc=f'synthetic {kind}', disable=not progress))
-    channel_names = (
-        {'0': 'CT'}
-        if spec.modality == 'CT'
-        else {str(i): n for i, n in enumerate(['T1', 'T2', 'FLAIR'][: spec.n_channels])}
-    )
-    write_dataset_json(out, channel_names, {n: i for i, n in enumerate(LABEL_NAMES[: spec.n_classes + 1])},
+    if spec.modality == 'CT': channel_names = {'0': 'CT'}
+    else: channel_names = {str(i): n for i, n in enumerate(['T1', 'T2', 'FLAIR'][:spec.n_channels])}
+    write_dataset_json(out, channel_names, {n: i for i, n in enumerate(LABEL_NAMES[:spec.n_classes + 1])},
                        spec.n_train, spec.file_ending, name=f'synthetic_{kind}',
                        description=f'nnunet_lite synthetic {kind} dataset',
                        synthetic_spec={**asdict(spec), 'kind': kind})

@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import (DatasetError, foreground_regions, label_key, read_dataset_json, read_json,
-                              read_label, write_json)
-from .inference import predict_validation_cases
+from .data import (DatasetError, foreground_regions, label_from_key, label_key, read_dataset_json,
+                              read_json, read_label, write_json)
 
 # %% auto #0
-__all__ = ['METRICS', 'evaluation_classes', 'case_metrics', 'summarise', 'save_summary', 'resolve_dataset_json', 'label_files',
-           'prediction_files', 'case_record', 'evaluate_folder', 'summary_table', 'validate_fold']
+__all__ = ['METRICS', 'evaluation_classes', 'case_metrics', 'summarise', 'save_summary', 'load_summary', 'resolve_dataset_json',
+           'label_files', 'prediction_files', 'case_record', 'evaluate_folder', 'summary_table', 'validate_fold']
 
 # %% ../nbs/10_evaluation.ipynb #1b83a6a1
 METRICS = ('Dice', 'IoU', 'TP', 'FP', 'FN', 'TN', 'n_pred', 'n_ref')
@@ -28,8 +27,8 @@ def evaluation_classes(dataset_json: dict) -> list:
     "The foreground labels (ints) or regions (tuples) that are evaluated, without background and ignore."
     regions = foreground_regions(dataset_json)
     if regions is not None: return [r if isinstance(r, tuple) else (r,) for r in regions]
-    return sorted(int(v) for k,
-                  v in dataset_json['labels'].items() if k not in ('background', 'ignore') and int(v) != 0)
+    return sorted(int(v) for k, v in dataset_json['labels'].items()
+                  if k not in ('background', 'ignore') and int(v) != 0)
 
 def _scores(tp, fp, fn, tn) -> dict:
     tp, fp, fn, tn = int(tp), int(fp), int(fn), int(tn)
@@ -89,6 +88,13 @@ def save_summary(summary: dict, path) -> Path:
     out = {'foreground_mean': summary['foreground_mean'], 'metric_per_case': per_case,
            'mean': {label_key(c): v for c, v in summary['mean'].items()}}
     return write_json(path, out, indent=1, sort_keys=True, allow_nan=True)
+
+def load_summary(path) -> dict:
+    "A summary.json as `evaluate_folder` returns it: class keys back to labels (ints) or regions (tuples)."
+    summary = read_json(path, 'summary')
+    by_class = lambda d: {label_from_key(k): v for k, v in d.items()}
+    return {'foreground_mean': summary['foreground_mean'], 'mean': by_class(summary['mean']),
+            'metric_per_case': [{**r, 'metrics': by_class(r['metrics'])} for r in summary['metric_per_case']]}
 
 def _find_dataset_json(pred_dir: Path, gt_dir: Path) -> dict:
     for candidate in (pred_dir / 'dataset.json', gt_dir / 'dataset.json', gt_dir.parent / 'dataset.json'):
@@ -155,19 +161,19 @@ def summary_table(summary: dict, metric: str = 'Dice') -> pd.DataFrame:
 
 # %% ../nbs/10_evaluation.ipynb #914f2e62
 def validate_fold(trainer, redo: bool = False) -> dict | None:
-    """Predict a trained fold's validation cases and evaluate them into the fold's `validation/summary.json`;
-    the summary (as written, when it is newer than checkpoint_final and not `redo`). None on ranks other
-    than 0, without validation cases, or without `gt_segmentations/` beside the plans."""
+    """Predict the validation cases of a fitted trainer's fold and evaluate them into the fold's
+    `validation/summary.json`. Skipped (the summary is read back) when `fit` trained nothing now and the
+    summary is newer than checkpoint_final, unless `redo`. None on ranks other than 0, without validation
+    cases, or without `gt_segmentations/` beside the plans."""
+    from nnunet_lite.inference import predict_validation_cases   # here: evaluating a folder needs no torch
+    if trainer.trained_now is None:
+        raise ValueError("validate_fold needs a fitted trainer: call fit() first (fit(resume=True) loads a "
+                         "finished run)")
     if trainer.rank != 0 or not trainer.val_cases: return None
     out = trainer.output_dir / 'validation'
     summary_file, final = out / 'summary.json', trainer.output_dir / 'checkpoint_final.pth'
-    if (
-        not redo
-        and summary_file.is_file()
-        and final.is_file()
-        and summary_file.stat().st_mtime >= final.stat().st_mtime
-    ):
-        return read_json(summary_file)
+    up_to_date = summary_file.is_file() and summary_file.stat().st_mtime >= final.stat().st_mtime
+    if up_to_date and not trainer.trained_now and not redo: return load_summary(summary_file)
     predict_validation_cases(trainer, out)
     gt = trainer.preprocessed_dir / 'gt_segmentations'
     if not gt.is_dir():

@@ -71,8 +71,8 @@ def sample_counts(n_voxels: int, n_samples: int, rng: np.random.RandomState,
 
 # %% ../nbs/02_fingerprint.ipynb #b212bcab
 def weighted_percentiles(values: np.ndarray, counts: np.ndarray, q) -> np.ndarray:
-    """`np.percentile(np.repeat(values, counts), q)` (linear
-    interpolation) without building the repeated array."""
+    """`np.percentile(np.repeat(values, counts), q)`
+    (linear interpolation) without building the repeated array."""
     order = np.argsort(values, kind='stable')
     v, cum = values[order].astype(np.float64), np.cumsum(counts[order])
     n = cum[-1]

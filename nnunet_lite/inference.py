@@ -190,12 +190,11 @@ class Predictor:
         self.n_outputs, self.progress = n_outputs(self.dataset_json), progress
         self.amp_dtype = amp_dtype(self.device) if amp else None
 
-    # -- network space
-    # --------------------------------------------------------------------------------------------
+    # -- network space ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def predict_preprocessed(self, data) -> torch.Tensor:
-        """Logits (K, *spatial) of a preprocessed image (C,
-        *spatial), merged over the folds; on the device, float32."""
+        """Logits (K, *spatial) of a preprocessed image (C, *spatial),
+        merged over the folds; on the device, float32."""
         merged = None
         data = data if isinstance(data, torch.Tensor) else torch.tensor(np.asarray(data))
         data = data.to(self.device, torch.float32)   # once for all folds
@@ -214,8 +213,7 @@ class Predictor:
             )
         return merged
 
-    # -- image space
-    # ----------------------------------------------------------------------------------------------
+    # -- image space -----------------------------------------------------------------------------------
     def predict_array(self, image: np.ndarray, geometry: Geometry, return_probabilities: bool = False):
         """Label map (z, y, x) of a raw image (c, z, y, x) on the
         input's grid (and the probabilities (K, z, y, x))."""
@@ -288,9 +286,9 @@ def _probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
 
 # %% ../nbs/09_inference.ipynb #957b78f2
 def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[Path]:
-    """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from the
-    preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its original grid. Rank
-    0 only."""
+    """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from
+    the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its
+    original grid. Rank 0 only."""
     if trainer.rank != 0: return []
     out = Path(out_dir) if out_dir else trainer.output_dir / 'validation'
     ending, network = trainer.dataset_json['file_ending'], trainer.network

@@ -103,8 +103,8 @@ def init_weights(module: nn.Module, slope: float = 1e-2):
 
 # %% ../nbs/05_network.ipynb #a8586db8
 def n_outputs(dataset_json: dict) -> int:
-    """Output channels: labels including background (ignore
-    excluded), or the regions of a region-based dataset."""
+    """Output channels: labels including background
+    (ignore excluded), or the regions of a region-based dataset."""
     regions = foreground_regions(dataset_json)
     return len(regions) if regions is not None else sum(1 for k in dataset_json['labels'] if k != 'ignore')
 
@@ -138,15 +138,7 @@ def describe_network(net: UNet, patch_size):
     rows = []
     for s in range(n):
         d = n - 2 - s   # the decoder stage that ends at this resolution
-        dec = (
-            (
-                count_parameters(net.decoder[d])
-                + count_parameters(net.upsample[d])
-                + count_parameters(net.heads[d])
-            )
-            if d >= 0
-            else 0
-        )
+        dec = sum(count_parameters(m[d]) for m in (net.decoder, net.upsample, net.heads)) if d >= 0 else 0
         first = net.encoder[s][0][0]
         rows.append(
             {'stage': s, 'feature map': '×'.join(map(str, shapes[s])), 'features': first.out_channels,

@@ -120,9 +120,9 @@ def pad_to_divisible(shape, divisor) -> np.ndarray:
     return np.array([s + d - s % d if s % d else s for s, d in zip(shape, divisor)]).astype(int)
 
 def pool_and_conv_props(spacing, patch_size, min_edge: int = 4, max_pools: int = 999999):
-    """The topology for a patch: (pools per axis, strides per stage, conv kernel per stage, padded patch size,
-    divisibility per axis). Strides and kernels are tuples of tuples, first stage stride 1, bottleneck
-    kernel 3."""
+    """The topology for a patch: (pools per axis, strides per stage, conv kernel per stage, padded
+    patch size, divisibility per axis). Strides and kernels are tuples of tuples, first stage
+    stride 1, bottleneck kernel 3."""
     dim = len(spacing)
     spacing, size = [float(s) for s in spacing], [float(s) for s in patch_size]
     pools, kernel = [0] * dim, [1] * dim

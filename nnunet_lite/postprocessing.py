@@ -106,7 +106,7 @@ def load_postprocessing(path) -> list:
     try:
         return read_json(path)['steps']
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a post-processing file ({e!r})") from None
+        raise ValueError(f"{path}: not a post-processing file ({e})") from None
 
 def postprocess_folder(in_dir, out_dir, steps, file_ending: str | None = None, workers: int = 2,
                        progress: bool = True) -> list[Path]:

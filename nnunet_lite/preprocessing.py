@@ -181,8 +181,8 @@ def _along_separate_axis(x: torch.Tensor, n_out: int, axis: int, order: int) -> 
 def resample_image(data, new_shape, current_spacing, new_spacing, order: int = 3, order_z: int = 0,
                    force_separate_z: bool | None = None,
                    separate_z_anisotropy_threshold: float = ANISOTROPY_THRESHOLD):
-    """Resample a `(c, z, y, x)` image (numpy or torch, any
-    device) to `new_shape`; same numbers as the reference."""
+    """Resample a `(c, z, y, x)` image (numpy or torch, any device)
+    to `new_shape`; same numbers as the reference."""
     new_shape = [int(n) for n in new_shape]
     if list(data.shape[1:]) == new_shape: return data
     x, was_numpy = _as_tensor(data)
@@ -502,8 +502,8 @@ def load_preprocessed_case(folder, case_id: str, mmap: bool = True) -> tuple[np.
             np.load(folder / f'{case_id}_seg.npy', mmap_mode=mode), props)
 
 def case_is_done(folder, case_id: str, settings_id: str | None = None) -> bool:
-    """Whether a case was completely written (its properties JSON, written last, exists) — with the settings
-    `settings_id`, if given."""
+    """Whether a case was completely written (its properties JSON, written last, exists)
+    — with the settings `settings_id`, if given."""
     folder = Path(folder)
     if not all((folder / f'{case_id}{s}').is_file() for s in ('.json', '.npy', '_seg.npy', '_locations.npy')):
         return False
@@ -559,9 +559,9 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
     return folder
 
 def copy_ground_truth(cases: dict, gt_dir: Path, file_ending: str):
-    """Copy each training label to `gt_dir/CASE<ending>` (as nnU-Net's gt_segmentations): the references the
-    fold validation after training is evaluated against, kept beside the plans so training needs no raw
-    data."""
+    """Copy each training label to `gt_dir/CASE<ending>` (as nnU-Net's gt_segmentations): the
+    references the fold validation after training is evaluated against, kept beside the plans so
+    training needs no raw data."""
     gt_dir.mkdir(parents=True, exist_ok=True)
     for case, files in cases.items():
         atomic_write(gt_dir / f'{case}{file_ending}', lambda tmp: shutil.copyfile(files['label'], tmp))

@@ -76,9 +76,8 @@ def dice_ce_loss(
     smooth: float = 1e-5, all_ranks: bool = False) -> torch.Tensor:
     "CE + (−soft Dice of the foreground classes) for logits (B, K, ...) and labels (B, 1, ...)."
     mask = (target != ignore_label) if ignore_label is not None else None
-    dice_target = (
-        torch.where(mask, target, torch.zeros_like(target)) if mask is not None else target
-    )  # ignored voxels: any class, masked
+    # ignored voxels: any class, masked
+    dice_target = torch.where(mask, target, torch.zeros_like(target)) if mask is not None else target
     probabilities = torch.softmax(logits.float(), 1)
     dice = soft_dice(probabilities[:, 1:], one_hot(dice_target, logits.shape[1])[:, 1:], batch_dice, smooth,
                      mask.float() if mask is not None else None, all_ranks)
@@ -297,8 +296,8 @@ def cpu_has_native_bf16() -> bool:
     except AttributeError: return False
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of mixed precision: on CUDA bf16 where the GPU supports it, else fp16 (with a
-    gradient scaler); on a CPU with native bf16 instructions bf16; otherwise none (float32)."""
+    """The autocast dtype of mixed precision: on CUDA bf16 where the GPU supports it, else fp16
+    (with a gradient scaler); on a CPU with native bf16 instructions bf16; otherwise none (float32)."""
     if device.type == 'cuda': return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == 'cpu' and cpu_has_native_bf16(): return torch.bfloat16
     return None
@@ -377,6 +376,7 @@ class Trainer:
         self.model = DistributedDataParallel(self.network) if self.world > 1 else self.network
         if self.device.type == 'cuda': torch.backends.cudnn.benchmark = True
         self.epoch, self.log, self.best_ema = 0, [], None
+        self.trained_now = None   # set by fit(): did it run any epoch?
         self._last_plot, self._display = 0.0, None
 
 # %% ../nbs/08_training.ipynb #cc818eec
@@ -460,9 +460,9 @@ def run_epoch(self: Trainer, train: TrainingBatches, val: TrainingBatches) -> di
 # %% ../nbs/08_training.ipynb #e987ca63
 @patch
 def state(self: Trainer) -> dict:
-    """Everything to continue this run or to predict with it (weights_only-loadable). The names are nnU-Net
-    v2's where it has one (its predictor can load the file; the weights are stored under PlainConvUNet's
-    names)."""
+    """Everything to continue this run or to predict with it (weights_only-loadable). The names
+    are nnU-Net v2's where it has one (its predictor can load the file; the weights are stored
+    under PlainConvUNet's names)."""
     return {
         'network_weights': reference_state_dict(self.network),
         'optimizer_state': self.optimizer.state_dict(),
@@ -592,7 +592,7 @@ def fit(self: Trainer, resume: bool = False) -> Trainer:
             bar.close()
         finally:
             train.close(); val.close()
-    if self.rank == 0 and not (self.output_dir / 'checkpoint_final.pth').exists():
+    if self.rank == 0 and (self.trained_now or not (self.output_dir / 'checkpoint_final.pth').exists()):
         self.save('checkpoint_final.pth')
         (self.output_dir / 'checkpoint_latest.pth').unlink(missing_ok=True)
     self.draw_progress()

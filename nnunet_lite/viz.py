@@ -29,8 +29,8 @@ def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(volume, index, axis=axis)
 
 def viewable_planes(shape) -> list[int]:
-    """The axes whose slices are real images (both other axes
-    longer than 1): only axis 0 for a 2D `(1, y, x)` case."""
+    """The axes whose slices are real images (both other axes longer than 1):
+    only axis 0 for a 2D `(1, y, x)` case."""
     return [a for a in range(3) if all(n > 1 for i, n in enumerate(shape[-3:]) if i != a)] or [0]
 
 def slice_aspect(spacing, axis: int) -> float:
@@ -141,8 +141,8 @@ def show_volumes(panels: dict, spacing=(1.0, 1.0, 1.0), axes=(0, 1, 2), index: i
 
 # %% ../nbs/01_viz.ipynb #e1ac4b22
 def read_dataset_case(dataset_dir, case_id: str) -> tuple:
-    """Image `(c, z, y, x)`, label `(z, y, x)` (None for an
-    unlabelled test case), geometry and dataset.json of a case."""
+    """Image `(c, z, y, x)`, label `(z, y, x)`
+    (None for an unlabelled test case), geometry and dataset.json of a case."""
     d = read_dataset_json(dataset_dir)
     train, test = training_cases(dataset_dir, d), held_out_cases(dataset_dir, d)
     if case_id in train:

@@ -38,7 +38,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import pytest
+
+__all__ = ["reference_fingerprint", "reference_plans", "reference_preprocess_case", "make_fingerprint", "DEFAULT_DATASET_NAME"]
+
 
 REQUIRE_REFERENCE_VARIABLE = "NNLITE_REQUIRE_REFERENCE"
 
@@ -56,9 +60,6 @@ def require_reference():
         return nnunetv2
     return pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
 
-import numpy as np
-
-__all__ = ["reference_fingerprint", "reference_plans", "reference_preprocess_case", "make_fingerprint", "DEFAULT_DATASET_NAME"]
 
 _PATH_VARS = {"nnUNet_raw": "nnUNet_raw", "nnUNet_preprocessed": "nnUNet_preprocessed",
               "nnUNet_results": "nnUNet_results"}
