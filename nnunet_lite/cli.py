@@ -182,7 +182,7 @@ def add_train_command(sub):
         '-f', '--fold', type=_fold, default=0, help="fold 0-4 of splits_final.json, or 'all' (default 0)")
     t.add_argument('-o', '--out', type=Path, default=None,
                    help='model folder: plans.json, dataset.json and fold_F/ go there '
-                        '(default PREPROCESSED_DIR/../results/CONFIG)')
+                        '(default PREPROCESSED_DIR/results/CONFIG)')
     t.add_argument('--epochs', type=int, default=EPOCHS, help=f'epochs (default {EPOCHS})')
     t.add_argument(
         '--iters', type=int, default=ITERATIONS, help=f'training iterations per epoch (default {ITERATIONS})')

@@ -287,8 +287,9 @@ def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
 def default_output_dir(preprocessed_dir, configuration: str, fold) -> Path:
-    "results/<configuration>/fold_<fold> beside the preprocessed folder."
-    return Path(preprocessed_dir).resolve().parent / 'results' / configuration / f'fold_{fold}'
+    """results/<configuration>/fold_<fold> inside the preprocessed folder: every preprocessed dataset has
+    model folders of its own, so two datasets never write into (and mix) one."""
+    return Path(preprocessed_dir).resolve() / 'results' / configuration / f'fold_{fold}'
 
 def cpu_has_native_bf16() -> bool:
     "Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Then bf16 convolutions run 2-3x faster."
@@ -550,10 +551,15 @@ def draw_progress(self: Trainer):
     self._last_plot = time.time()
 
 @patch
-def _write_model_files(self: Trainer):
-    """plans.json and dataset.json (and the fingerprint) beside
-    the fold folders, as the model folder needs them."""
+def _claim_model_folder(self: Trainer):
+    """Refuse a model folder whose plans.json or dataset.json are not ours (its folds would mix with ours), then
+    write them (and the fingerprint) beside the fold folders, as prediction needs them."""
     model_dir = self.output_dir.parent
+    for name, ours in (('plans.json', self.plans), ('dataset.json', self.dataset_json)):
+        theirs = model_dir / name
+        if theirs.is_file() and read_json(theirs) != ours:
+            raise ValueError(f"{theirs}: this model folder holds other {name.removesuffix('.json')} than "
+                             f"{self.preprocessed_dir / name}; train into another model folder (-o)")
     write_json(model_dir / 'plans.json', self.plans)
     write_json(model_dir / 'dataset.json', self.dataset_json)
     fingerprint = self.preprocessed_dir / 'dataset_fingerprint.json'
@@ -576,7 +582,7 @@ def fit(self: Trainer, resume: bool = False) -> Trainer:
     elif resume and self.rank == 0 and self.progress:
         print(f"{self.output_dir}: no checkpoint, starting from scratch")
     if self.rank == 0:
-        self.output_dir.mkdir(parents=True, exist_ok=True); self._write_model_files()
+        self._claim_model_folder(); self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_dir)   # a checkpoint being written when a run was killed
     self.trained_now = self.epoch < self.epochs
     if self.trained_now:

@@ -118,20 +118,20 @@ def test_checkpoint_has_everything_to_resume_and_predict(tiny3d, tmp_path):
 
 
 def test_resume_refuses_other_plans(tiny3d, tmp_path):
-    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=0, save_every=1,
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=0, save_every=1,
             progress=False).fit()
-    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=3, iterations=1, val_iterations=0, progress=False)
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=3, iterations=1, val_iterations=0, progress=False)
     t.plans = {**t.plans, 'plans_name': 'other'}
     with pytest.raises(ValueError, match='other plans'): t.fit(resume=True)
 
 
 def test_killed_after_the_last_best_checkpoint_still_finishes(tiny3d, tmp_path):
     "A run killed after saving checkpoint_best of its last epoch, before checkpoint_final: resume writes final."
-    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=1, progress=False).fit()
-    final = tmp_path / 'checkpoint_final.pth'
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=1, progress=False).fit()
+    final = tmp_path / 'fold_0' / 'checkpoint_final.pth'
     state = load_checkpoint(final); final.unlink()
-    save_checkpoint(tmp_path / 'checkpoint_best.pth', state)
-    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path, epochs=2, iterations=1, val_iterations=1, progress=False).fit(resume=True)
+    save_checkpoint(tmp_path / 'fold_0' / 'checkpoint_best.pth', state)
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=1, progress=False).fit(resume=True)
     assert load_checkpoint(final)['current_epoch'] == 2
 
 
@@ -215,3 +215,18 @@ def test_batch_dice_over_ranks_equals_one_process(tmp_path):
     r = torchrun('worker.py', tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('ok') == 2            # both ranks reached the end (their lines may interleave)
+
+
+def test_two_datasets_never_share_a_model_folder(tiny3d, tmp_path):
+    """Sibling preprocessed folders train into model folders of their own by default, and a model folder that
+    holds another dataset's plans is refused with one line before anything is written."""
+    other = preprocessed(tmp_path, 'ct', '3d_fullres', n_train=5, shape=(16, 28, 20), seed=3)
+    args = ('-c', '3d_fullres', '-f', 'all', '--epochs', 1, '--iters', 1, '--val-iters', 0, '--no-validation', '-q')
+    assert nnlite('train', other, *args).returncode == 0
+    assert (other / 'results' / '3d_fullres' / 'fold_all' / 'checkpoint_final.pth').is_file()
+    assert not (other.parent / 'results').exists()
+    model = other / 'results' / '3d_fullres'
+    r = nnlite('train', tiny3d, *args[:2], '-f', 0, *args[4:], '-o', model)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{model / 'plans.json'}: this model folder holds other plans" in r.stderr
+    assert len(list(model.glob('fold_*'))) == 1
