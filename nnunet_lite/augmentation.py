@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 # %% auto #0
-__all__ = ['AUGMENTATION_P', 'draw_mask', 'draw_uniform', 'draw_around_one', 'gaussian_noise', 'gaussian_kernels', 'blur_along',
-           'gaussian_blur', 'brightness', 'contrast', 'simulate_low_resolution', 'gamma', 'mirror', 'rotation_matrix',
-           'draw_affines', 'sampling_grid', 'affine_sampling_grid', 'centre_crop', 'resample_labels_by_class',
-           'resample_labels_linear', 'spatial_transform', 'mask_outside', 'remove_outside_label', 'labels_to_regions',
-           'deep_supervision_scales', 'deep_supervision_targets', 'training_targets', 'augment_batch',
-           'applied_transforms']
+__all__ = ['AUGMENTATION_P', 'BINARY_OPERATORS', 'draw_mask', 'draw_uniform', 'draw_around_one', 'gaussian_noise',
+           'gaussian_kernels', 'blur_along', 'gaussian_blur', 'brightness', 'contrast', 'simulate_low_resolution',
+           'gamma', 'mirror', 'rotation_matrix', 'draw_affines', 'sampling_grid', 'affine_sampling_grid', 'centre_crop',
+           'resample_labels_by_class', 'resample_labels_linear', 'spatial_transform', 'mask_outside',
+           'remove_outside_label', 'labels_to_regions', 'deep_supervision_scales', 'deep_supervision_targets',
+           'training_targets', 'augment_patches', 'augment_batch', 'applied_transforms', 'previous_stage_onehot',
+           'ball', 'dilate', 'erode', 'random_binary_operator', 'remove_random_component', 'with_previous_stage']
 
 # %% ../nbs/06_augmentation.ipynb #d4780fcb
 def draw_mask(n, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -337,7 +340,8 @@ def spatial_transform(data: torch.Tensor, seg: torch.Tensor, patch_size, generat
         grid = affine_sampling_grid(drawn['affine'][i:i + 1], data.shape[2:], patch_size).to(data.device)
         image[i:i + 1] = F.grid_sample(data[i:i + 1].float(), grid, mode='bilinear', padding_mode='zeros',
                                        align_corners=False)
-        label[i:i + 1] = resample_labels_linear(seg[i:i + 1], grid)
+        for c in range(seg.shape[1]):   # the label, and any label map that travels with it (the cascade's)
+            label[i:i + 1, c:c + 1] = resample_labels_linear(seg[i:i + 1, c:c + 1], grid)
     return image, label, drawn
 
 # %% ../nbs/06_augmentation.ipynb #67a17b0d
@@ -391,12 +395,12 @@ AUGMENTATION_P = {
     'rotation': 0.2, 'scaling': 0.2, 'noise': 0.1, 'blur': 0.2, 'brightness': 0.15, 'contrast': 0.15,
     'low_resolution': 0.25, 'inverted_gamma': 0.1, 'gamma': 0.3, 'mirror': 0.5}
 
-def augment_batch(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: torch.Generator,
-                  rotation: float, dummy_2d: bool = False, mirror_axes=None, mask_channels=(), ds_scales=None,
-                  regions=None, p: dict | None = None):
-    """nnU-Net v2's training augmentation of a batch of source patches `data` (B, C, *S), `seg` (B, 1, *S) on
-    their device. Returns (data (B, C, *patch_size), target (a tensor, or a list per deep-supervision
-    scale), what was drawn)."""
+def augment_patches(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: torch.Generator,
+                    rotation: float, dummy_2d: bool = False, mirror_axes=None, mask_channels=(),
+                    p: dict | None = None):
+    """nnU-Net v2's training augmentation of a batch of source patches `data` (B, C, *S) and labels `seg`
+    (B, 1, *S) on their device: (data, seg) at `patch_size`, and what was drawn. Further label maps in seg's
+    channels 1, 2, ... (the cascade's previous stage) are moved and flipped with the label."""
     p = {**AUGMENTATION_P, **(p or {})}
     drawn = {}
     data, seg, drawn['spatial'] = spatial_transform(data, seg, patch_size, generator, rotation, dummy_2d,
@@ -410,7 +414,15 @@ def augment_batch(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: 
     data, drawn['inverted_gamma'] = gamma(data, generator, p=p['inverted_gamma'], invert=True)
     data, drawn['gamma'] = gamma(data, generator, p=p['gamma'])
     data, seg, drawn['mirror'] = mirror(data, seg, generator, axes=mirror_axes, p=p['mirror'])
-    data = mask_outside(data, seg, mask_channels)
+    return mask_outside(data, seg, mask_channels), seg, drawn
+
+def augment_batch(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: torch.Generator,
+                  rotation: float, dummy_2d: bool = False, mirror_axes=None, mask_channels=(), ds_scales=None,
+                  regions=None, p: dict | None = None):
+    """`augment_patches`, then the targets the loss compares with: (data (B, C, *patch_size), target (a
+    tensor, or a list per deep-supervision scale), what was drawn)."""
+    data, seg, drawn = augment_patches(data, seg, patch_size, generator, rotation, dummy_2d, mirror_axes,
+                                       mask_channels, p)
     return data, training_targets(seg, ds_scales, regions), drawn
 
 def applied_transforms(drawn: dict) -> list[list[str]]:
@@ -437,3 +449,98 @@ def applied_transforms(drawn: dict) -> list[list[str]]:
             done.append('flip ' + ''.join('zyx'[-len(flips):][a] for a in range(len(flips)) if flips[a]))
         out.append(done)
     return out
+
+# %% ../nbs/06_augmentation.ipynb #aa0bce89
+def previous_stage_onehot(prev: torch.Tensor, labels) -> torch.Tensor:
+    """The previous stage's label map (B, 1, *S) as one float channel per foreground label (B, len(labels),
+    *S), in `labels`' order: background and -1 (outside) are 0 in every channel."""
+    return torch.cat([prev == label for label in labels], 1).to(torch.float32)
+
+def ball(radius: float, device=None) -> torch.Tensor:
+    """skimage's `ball(radius)` for a float radius: a cube of floor(2r + 1) voxels per side, coordinates
+    spread over [-r, r], True within r of the centre."""
+    side = int(2 * radius + 1)
+    axis = torch.linspace(-radius, radius, side, dtype=torch.float64)
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing='ij')
+    return (z ** 2 + y ** 2 + x ** 2 <= radius ** 2).to(device)
+
+def dilate(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+    """Binary dilation of a (*S) mask as the reference computes it: correlation with `structure` (its centre
+    at (k - 1) // 2 per axis), zeros outside; by FFT, on the mask's device."""
+    k = structure.shape
+    pad = [p for n in k[::-1] for p in ((n - 1) // 2, n - 1 - (n - 1) // 2)]
+    padded = F.pad(mask.to(torch.float32), pad)
+    flipped = structure.to(torch.float32).flip(list(range(structure.ndim)))
+    spectrum = torch.fft.rfftn(padded) * torch.fft.rfftn(flipped, s=padded.shape)
+    full = torch.fft.irfftn(spectrum, s=padded.shape)
+    return full[tuple(slice(n - 1, n - 1 + s) for n, s in zip(k, mask.shape))].round() > 0
+
+def erode(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+    "Binary erosion: the complement of the dilated complement (outside the patch counts as foreground)."
+    return ~dilate(~mask, structure)
+
+BINARY_OPERATORS = {'dilation': dilate, 'erosion': erode, 'closing': lambda m, s: erode(dilate(m, s), s),
+                    'opening': lambda m, s: dilate(erode(m, s), s)}
+
+# %% ../nbs/06_augmentation.ipynb #71a6b81d
+def _channels_to_change(n_channels: int, p_per_label: float, generator: torch.Generator) -> list[int]:
+    "The channels of one sample a degradation touches: each with p_per_label, in a random order."
+    order = torch.randperm(n_channels, generator=generator).tolist()
+    return [c for c, keep in zip(order, draw_mask(n_channels, p_per_label, generator).tolist()) if keep]
+
+def random_binary_operator(onehot: torch.Tensor, generator: torch.Generator, p: float = 0.4,
+                           p_per_label: float = 0.5, radius=(1.0, 8.0)):
+    """Dilate, erode, open or close one-hot channels (B, n, *S) of a sample (p) channel by channel
+    (p_per_label) with a ball of radius U(radius); voxels a channel gains are taken from the others. Returns
+    the channels and what was drawn: {'applied', 'operations': per sample [(channel, operator, radius)]}."""
+    applied = draw_mask(onehot.shape[0], p, generator)
+    drawn = {'applied': applied, 'operations': [[] for _ in range(onehot.shape[0])]}
+    if not applied.any(): return onehot, drawn
+    onehot, names = onehot.clone(), list(BINARY_OPERATORS)
+    for i in applied.nonzero()[:, 0].tolist():
+        channels = _channels_to_change(onehot.shape[1], p_per_label, generator)
+        picks = torch.randint(len(names), (len(channels),), generator=generator).tolist()
+        operators = [names[k] for k in picks]
+        radii = draw_uniform(len(channels), *radius, generator).tolist()
+        for c, name, r in zip(channels, operators, radii):
+            before = onehot[i, c] > 0
+            after = BINARY_OPERATORS[name](before, ball(r, onehot.device))
+            onehot[i][:, after & ~before] = 0          # what this channel gains, the others lose
+            onehot[i, c] = after.to(onehot.dtype)
+            drawn['operations'][i].append((c, name, r))
+    return onehot, drawn
+
+def remove_random_component(onehot: torch.Tensor, generator: torch.Generator, p: float = 0.2,
+                            p_per_label: float = 0.5, max_fraction: float = 0.15):
+    """In a sample (p), each non-empty one-hot channel (p_per_label) loses one of its 26-connected components
+    smaller than `max_fraction` of the patch, chosen at random (labelled with scipy on the CPU). Returns the
+    channels and what was drawn: {'applied', 'removed': per sample [(channel, voxels)]}."""
+    applied = draw_mask(onehot.shape[0], p, generator)
+    drawn = {'applied': applied, 'removed': [[] for _ in range(onehot.shape[0])]}
+    if not applied.any(): return onehot, drawn
+    onehot, limit = onehot.clone(), max_fraction * onehot[0, 0].numel()
+    structure = np.ones((3,) * (onehot.ndim - 2), bool)
+    for i in applied.nonzero()[:, 0].tolist():
+        for c in _channels_to_change(onehot.shape[1], p_per_label, generator):
+            mask = (onehot[i, c] > 0).cpu().numpy()
+            if not mask.any(): continue
+            components, _ = ndimage.label(mask, structure)
+            sizes = np.bincount(components.ravel())[1:]
+            small = np.flatnonzero(sizes < limit) + 1
+            if not len(small): continue
+            pick = int(small[int(torch.randint(len(small), (1,), generator=generator))])
+            onehot[i, c][torch.from_numpy(components == pick).to(onehot.device)] = 0
+            drawn['removed'][i].append((c, int(sizes[pick - 1])))
+    return onehot, drawn
+
+def with_previous_stage(data: torch.Tensor, seg: torch.Tensor, labels,
+                        generator: torch.Generator | None = None):
+    """Split `seg` (B, 2, *P) into the label and the previous stage's map, append that map to `data` as
+    one-hot channels, degraded as the reference does when a `generator` is given (training). Returns (data,
+    label (B, 1, *P), what was drawn)."""
+    onehot = previous_stage_onehot(remove_outside_label(seg[:, 1:2]), labels)
+    drawn = {}
+    if generator is not None:
+        onehot, drawn['binary_operator'] = random_binary_operator(onehot, generator)
+        onehot, drawn['removed_component'] = remove_random_component(onehot, generator)
+    return torch.cat([data, onehot.to(data.dtype)], 1), seg[:, :1], drawn

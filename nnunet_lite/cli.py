@@ -200,6 +200,9 @@ def add_train_command(sub):
         '--resume', action='store_true', help='continue from the last checkpoint in the output folder')
     t.add_argument(
         '--no-validation', action='store_true', help="skip predicting the fold's validation cases at the end")
+    t.add_argument('--prev-stage-predictions', type=Path, default=None,
+                   help="a cascade's second stage: the first stage's predictions of the training cases "
+                        "(default: predicted_next_stage/CONFIG in the first stage's default model folder)")
     t.add_argument('-q', '--quiet', action='store_true')
     t.set_defaults(func=cmd_train)
 
@@ -210,7 +213,7 @@ def cmd_train(args) -> int:
         trainer = Trainer(args.preprocessed_dir, args.configuration, args.fold, fold_dir, epochs=args.epochs,
                           iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
                           device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
-                          progress=not args.quiet)
+                          progress=not args.quiet, previous_stage=args.prev_stage_predictions)
         if rank == 0:
             precision = (
                 str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32'
@@ -267,13 +270,19 @@ def add_predict_command(sub):
     pr.add_argument('--no-amp', action='store_true', help='predict in float32')
     pr.add_argument(
         '--overwrite', action='store_true', help='predict cases whose output exists (default: skip them)')
+    pr.add_argument('--prev-stage', type=Path, default=None,
+                    help="a cascade: the first stage's model folder, run first "
+                         "(default: MODEL/../PREVIOUS_STAGE)")
+    pr.add_argument('--prev-stage-predictions', type=Path, default=None,
+                    help="a cascade: a folder of the first stage's predictions (CASE.nii.gz) to use instead")
     pr.add_argument('-q', '--quiet', action='store_true')
     pr.set_defaults(func=cmd_predict)
 
 def cmd_predict(args) -> int:
     predictor = Predictor(args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
                           step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
-                          fold_merge=args.fold_merge, amp=not args.no_amp, progress=not args.quiet)
+                          fold_merge=args.fold_merge, amp=not args.no_amp, progress=not args.quiet,
+                          previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
     print(
         f"model {args.model}: {predictor.configuration}, folds"
         f" {', '.join(map(str, predictor.model['folds']))}, patch {predictor.patch_size}, step {args.step},"

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 __all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'REQUIRED_DATASET_KEYS', 'SYNTH_KINDS', 'LABEL_NAMES', 'DatasetError',
            'Problem', 'file_ending_of', 'Geometry', 'read_file', 'temporary_path', 'atomic_write', 'atomic_write_text',
            'write_json', 'read_json', 'remove_stale_temporaries', 'write_file', 'read_image', 'read_label',
-           'write_label', 'write_image', 'dataset_json_problems', 'label_values', 'foreground_regions', 'label_key',
-           'label_from_key', 'read_dataset_json', 'write_dataset_json', 'list_image_files', 'training_cases',
-           'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid', 'smooth_field', 'random_rotation',
-           'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label', 'synthetic_intensities',
-           'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite', 'case_problems',
-           'check_dataset', 'verify_dataset']
+           'write_label', 'write_image', 'dataset_json_problems', 'label_values', 'foreground_labels',
+           'foreground_regions', 'label_key', 'label_from_key', 'read_dataset_json', 'write_dataset_json',
+           'list_image_files', 'training_cases', 'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid',
+           'smooth_field', 'random_rotation', 'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label',
+           'synthetic_intensities', 'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite',
+           'case_problems', 'check_dataset', 'verify_dataset']
 
 # %% ../nbs/00_data.ipynb #6f49541c
 class DatasetError(ValueError):
@@ -266,6 +266,12 @@ def label_values(d: dict) -> list[int]:
     """The label values that may appear in a label map
     (regions contribute their members; the ignore label too)."""
     return sorted({x for v in d['labels'].values() for x in (v if isinstance(v, (list, tuple)) else [v])})
+
+def foreground_labels(d: dict) -> list[int]:
+    """The label values other than background and ignore, ascending (region members count): the cascade's
+    inputs."""
+    ignore = d['labels'].get('ignore')
+    return [v for v in label_values(d) if v != 0 and v != ignore]
 
 def foreground_regions(d: dict) -> list | None:
     """Region-based datasets (some label given as a list of several values): the foreground labels'

@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augmentation import augment_batch, deep_supervision_scales, rotation_matrix, training_targets
-from .data import foreground_regions
+from .augmentation import (augment_patches, deep_supervision_scales, rotation_matrix,
+                                      training_targets, with_previous_stage)
+from .data import DatasetError, foreground_labels, foreground_regions
 from .preprocessing import (ANISOTROPY_THRESHOLD, configuration_of, load_preprocessed_case,
                                        preprocessed_cases)
 
 # %% auto #0
 __all__ = ['SCALE_FOR_CONTEXT', 'OVERSAMPLE_FOREGROUND', 'augmentation_geometry', 'source_patch_size', 'forced_foreground',
-           'start_bounds', 'random_box', 'box_around', 'foreground_box', 'crop_and_pad', 'PreprocessedDataset',
-           'sample_batch', 'seed_words', 'BatchLoader', 'training_regions', 'pipeline_settings', 'TrainingBatches']
+           'start_bounds', 'random_box', 'box_around', 'foreground_box', 'crop_and_pad', 'load_previous_stage',
+           'PreprocessedDataset', 'sample_batch', 'seed_words', 'BatchLoader', 'training_regions', 'pipeline_settings',
+           'TrainingBatches']
 
 # %% ../nbs/07_dataloading.ipynb #b05f7cb9
 SCALE_FOR_CONTEXT = 0.85   # the reference divides by this, not by the scaling range's minimum (0.7)
@@ -114,12 +116,26 @@ def crop_and_pad(array, start, patch_size, pad_value, out: np.ndarray | None = N
     return out
 
 # %% ../nbs/07_dataloading.ipynb #fb90b16d
+def load_previous_stage(folder, case_id: str, shape) -> np.ndarray:
+    """The previous stage's label map of a case, `folder/CASE.npy` (z, y, x) on the grid of the case's
+    preprocessed arrays (memory-mapped); a one-line error naming the case when it is missing or misshapen."""
+    path = Path(folder) / f'{case_id}.npy'
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no previous-stage segmentation of case {case_id}")
+    prev = np.load(path, mmap_mode='r')
+    if tuple(prev.shape) != tuple(shape):
+        raise DatasetError(f"{path}: shape {tuple(prev.shape)}, but case {case_id} is {tuple(shape)} voxels")
+    return prev
+
 class PreprocessedDataset:
-    "The cases of a preprocessed configuration folder, opened lazily as memory maps."
-    def __init__(self, folder, case_ids=None):
+    """The cases of a preprocessed configuration folder, opened lazily as memory maps. With `previous_stage`
+    (a folder of CASE.npy label maps on the same grid: the cascade's), each case's properties carry its map
+    as 'previous_stage'."""
+    def __init__(self, folder, case_ids=None, previous_stage=None):
         self.folder = Path(folder)
         self.case_ids = list(case_ids) if case_ids is not None else preprocessed_cases(self.folder)
         if not self.case_ids: raise FileNotFoundError(f"{self.folder}: no preprocessed cases")
+        self.previous_stage = Path(previous_stage) if previous_stage is not None else None
         self._open, self._lock = {}, threading.Lock()
 
     def __len__(self): return len(self.case_ids)
@@ -128,14 +144,19 @@ class PreprocessedDataset:
         "(image memmap, label memmap, properties with class_locations) of a case."
         with self._lock:
             if case_id not in self._open:
-                self._open[case_id] = load_preprocessed_case(self.folder, case_id, mmap=True)
+                case = load_preprocessed_case(self.folder, case_id, mmap=True)
+                if self.previous_stage is not None:
+                    case[2]['previous_stage'] = load_previous_stage(self.previous_stage, case_id,
+                                                                    case[1].shape[1:])
+                self._open[case_id] = case
             return self._open[case_id]
 
 # %% ../nbs/07_dataloading.ipynb #b7ee2497
 def sample_batch(dataset: PreprocessedDataset, batch_size: int, patch_size, final_patch_size=None,
                  rng: np.random.Generator | None = None, oversample: float = OVERSAMPLE_FOREGROUND) -> dict:
     """A batch of source patches: {'data': (B, C, *patch) float32, 'seg': (B, 1, *patch) int16, 'keys': case
-    ids, 'forced': which samples were forced to foreground}."""
+    ids, 'forced': which samples were forced to foreground}. A cascade dataset's previous-stage maps are cut
+    from the same boxes into `seg`'s second channel."""
     rng = rng or np.random.default_rng()
     final_patch_size = final_patch_size or patch_size
     two_d = len(patch_size) == 2
@@ -143,7 +164,7 @@ def sample_batch(dataset: PreprocessedDataset, batch_size: int, patch_size, fina
     else: p3, f3 = list(patch_size), list(final_patch_size)
     keys = [dataset.case_ids[i] for i in rng.integers(len(dataset), size=batch_size)]
     forced = forced_foreground(batch_size, oversample)
-    data, seg = None, np.empty((batch_size, 1, *p3), np.int16)
+    data, seg = None, np.empty((batch_size, 1 + (dataset.previous_stage is not None), *p3), np.int16)
     for j, (key, force) in enumerate(zip(keys, forced)):
         image, label, props = dataset[key]
         if data is None: data = np.empty((batch_size, image.shape[0], *p3), np.float32)
@@ -154,7 +175,9 @@ def sample_batch(dataset: PreprocessedDataset, batch_size: int, patch_size, fina
         elif annotated is not None and len(locations[annotated]):
             start = box_around(image.shape[1:], p3, f3, locations[annotated], rng)
         if start is None: start = random_box(image.shape[1:], p3, f3, rng)
-        crop_and_pad(image, start, p3, 0, out=data[j]); crop_and_pad(label, start, p3, -1, out=seg[j])
+        crop_and_pad(image, start, p3, 0, out=data[j]); crop_and_pad(label, start, p3, -1, out=seg[j, :1])
+        if 'previous_stage' in props:
+            crop_and_pad(props['previous_stage'][None], start, p3, -1, out=seg[j, 1:])
     if two_d: data, seg = data[:, :, 0], seg[:, :, 0]
     return {'data': data, 'seg': seg, 'keys': keys, 'forced': forced}
 
@@ -222,7 +245,8 @@ def pipeline_settings(plans: dict, configuration: str, dataset_json: dict) -> di
         'batch_size': int(cfg['batch_size']), **geometry,
         'mask_channels': [i for i, m in enumerate(cfg['use_mask_for_norm']) if m],
         'ds_scales': deep_supervision_scales(cfg['architecture']['arch_kwargs']['strides']),
-        'regions': training_regions(dataset_json)}
+        'regions': training_regions(dataset_json),
+        'cascade_labels': foreground_labels(dataset_json) if cfg.get('previous_stage') else None}
 
 def _batch_seed(seed: int | tuple, index: int) -> int:
     return int(np.random.SeedSequence([*seed_words(seed), index, 1]).generate_state(1, np.uint64)[0] >> 1)
@@ -248,14 +272,15 @@ class TrainingBatches:
         batch, s = next(self.loader), self.settings
         data = batch['data'].to(self.device, non_blocking=True)
         seg = batch['seg'].to(self.device, non_blocking=True)
-        drawn = None
+        drawn, generator = None, None
         if self.augment:
             generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.index))
-            data, target, drawn = augment_batch(data, seg, s['patch_size'], generator, s['rotation'],
-                                                s['dummy_2d'], s['mirror_axes'], s['mask_channels'],
-                                                self.ds_scales, s['regions'])
-        else:
-            target = training_targets(seg, self.ds_scales, s['regions'])
+            data, seg, drawn = augment_patches(data, seg, s['patch_size'], generator, s['rotation'],
+                                               s['dummy_2d'], s['mirror_axes'], s['mask_channels'])
+        if s.get('cascade_labels'):   # the previous stage's map becomes input channels (degraded in training)
+            data, seg, cascade_drawn = with_previous_stage(data, seg, s['cascade_labels'], generator)
+            if drawn is not None: drawn.update(cascade_drawn)
+        target = training_targets(seg, self.ds_scales, s['regions'])
         self.index += 1
         return {'data': data, 'target': target, 'keys': batch['keys'], 'drawn': drawn}
 

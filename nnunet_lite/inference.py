@@ -15,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import (DatasetError, Geometry, atomic_write, file_ending_of, foreground_regions,
-                              list_image_files, read_json, write_json, write_label)
+from .augmentation import previous_stage_onehot
+from .data import (DatasetError, Geometry, atomic_write, file_ending_of, foreground_labels,
+                              foreground_regions, list_image_files, read_json, read_label, write_json,
+                              write_label)
+from .dataloading import load_previous_stage
 from .network import build_network, load_reference_weights, n_outputs
-from .preprocessing import (configuration_of, load_preprocessed_case, preprocess_arrays, read_case,
-                                       revert)
-from .training import amp_dtype, autocast, default_device, load_checkpoint
+from .preprocessing import (configuration_of, load_preprocessed_case, next_stage_segmentation,
+                                       preprocess_arrays, read_case, revert)
+from .training import amp_dtype, autocast, default_device, load_checkpoint, next_stage_folder
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices', 'mirror_combinations',
-           'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'Predictor',
+           'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'Predictor',
            'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
@@ -170,11 +173,22 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
             'configuration': configuration, 'mirror_axes': mirror_axes}
 
 # %% ../nbs/09_inference.ipynb #9181e66d
+def cascade_input(data, previous, labels) -> torch.Tensor:
+    """A preprocessed image (C, *S) with the previous stage's label map (*S) on the same grid appended as one
+    channel per foreground label (C + n, *S); -1 (outside the body) and background are 0 everywhere."""
+    data = torch.as_tensor(np.asarray(data), dtype=torch.float32)
+    previous = torch.as_tensor(np.asarray(previous).astype(np.int16))[None, None]
+    return torch.cat([data, previous_stage_onehot(previous, labels)[0].to(data.device)], 0)
+
 class Predictor:
-    "Predict images with the folds of a trained model folder."
+    """Predict images with the folds of a trained model folder. The second stage of a cascade needs the first
+    stage's segmentation of each image: from its model folder `previous_stage` (default: the sibling model
+    folder of the plans' `previous_stage`), predicted first, or from a folder of its predictions
+    `previous_predictions` (CASE<file ending>)."""
     def __init__(self, model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', device=None,
                  step: float = 0.5, mirroring: bool = True, weighting: str = 'gaussian',
-                 fold_merge: str = 'logits', amp: bool = True, progress: bool = True):
+                 fold_merge: str = 'logits', amp: bool = True, progress: bool = True, previous_stage=None,
+                 previous_predictions=None):
         if fold_merge not in ('logits', 'softmax'):
             raise ValueError(f"fold_merge must be 'logits' or 'softmax', not {fold_merge!r}")
         self.device = torch.device(device or default_device())
@@ -189,6 +203,20 @@ class Predictor:
         self.regions = foreground_regions(self.dataset_json)
         self.n_outputs, self.progress = n_outputs(self.dataset_json), progress
         self.amp_dtype = amp_dtype(self.device) if amp else None
+        cascade = self.config.get('previous_stage') is not None
+        self.cascade_labels = foreground_labels(self.dataset_json) if cascade else None
+        self.previous, self.previous_predictions = None, None
+        if self.cascade_labels is not None and previous_predictions is not None:
+            self.previous_predictions = Path(previous_predictions)
+        elif self.cascade_labels is not None:
+            stage = self.config['previous_stage']
+            first = Path(previous_stage) if previous_stage else self.model_dir.parent / stage
+            if not (first / 'plans.json').is_file():
+                raise FileNotFoundError(
+                    f"{first}: no model folder of {stage}, the first stage this cascade needs; give it "
+                    f"(--prev-stage) or its predictions (--prev-stage-predictions)")
+            self.previous = Predictor(first, None, checkpoint, device, step, mirroring, weighting, fold_merge,
+                                      amp, progress=False)
 
     # -- network space ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -217,9 +245,28 @@ class Predictor:
     def predict_array(self, image: np.ndarray, geometry: Geometry, return_probabilities: bool = False):
         """Label map (z, y, x) of a raw image (c, z, y, x) on the
         input's grid (and the probabilities (K, z, y, x))."""
-        data, _, properties = preprocess_arrays(
-            image, None, geometry, self.plans, self.configuration, self.dataset_json)
+        data, properties = self.preprocess(image, geometry)
         return self.export(self.predict_preprocessed(data), properties, return_probabilities)
+
+    def preprocess(self, image: np.ndarray, geometry: Geometry, case_id: str | None = None):
+        """(network input, properties) of a raw image; a cascade stage's input carries the first stage's
+        segmentation, preprocessed with the image as its label (transposed, cropped, resampled), one-hot."""
+        if self.cascade_labels is None:
+            data, _, properties = preprocess_arrays(image, None, geometry, self.plans, self.configuration,
+                                                    self.dataset_json)
+            return data, properties
+        if self.previous is not None: first = self.previous.predict_array(image, geometry)
+        elif case_id is None:
+            raise ValueError("predicting an array with a cascade needs the first stage's model folder")
+        else:
+            path = self.previous_predictions / f"{case_id}{self.dataset_json['file_ending']}"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no first-stage prediction of case {case_id}")
+            first = read_label(path)[0]
+        first = np.asarray(first).astype(np.int16)   # room for -1, "outside the body"
+        data, seg, properties = preprocess_arrays(image, first, geometry, self.plans, self.configuration,
+                                                  self.dataset_json)
+        return cascade_input(data, seg[0], self.cascade_labels), properties
 
     def export(self, logits, properties: dict, return_probabilities: bool = False):
         order = self.dataset_json.get('regions_class_order') if self.regions is not None else None
@@ -228,9 +275,9 @@ class Predictor:
     def _read_preprocessed(self, image_files) -> tuple[np.ndarray, dict, Geometry]:
         "(preprocessed image, its properties, the input's geometry) of a case's channel files."
         image, _, geometry = read_case(image_files)
-        data, _, properties = preprocess_arrays(
-            image, None, geometry, self.plans, self.configuration, self.dataset_json)
-        return data, properties, geometry
+        first = Path(image_files if isinstance(image_files, (str, Path)) else image_files[0]).name
+        case_id = first.removesuffix(file_ending_of(first))[:-5]   # CASE_0000.nii.gz -> CASE
+        return (*self.preprocess(image, geometry, case_id), geometry)
 
     def predict_file(self, image_files, out_file, save_probabilities: bool = False) -> Path:
         "Predict one case from its channel files; write the label (and CASE.npz) next to `out_file`."
@@ -288,10 +335,13 @@ def _probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
 def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[Path]:
     """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from
     the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its
-    original grid. Rank 0 only."""
+    original grid. Rank 0 only. The first stage of a cascade also writes each case's prediction on
+    the next stage's grid to `predicted_next_stage/<next stage>/CASE.npy` in its model folder."""
     if trainer.rank != 0: return []
     out = Path(out_dir) if out_dir else trainer.output_dir / 'validation'
     ending, network = trainer.dataset_json['file_ending'], trainer.network
+    next_stage = trainer.config.get('next_stage')
+    next_dir = next_stage_folder(trainer.output_dir.parent, next_stage) if next_stage else None
     order = trainer.dataset_json.get('regions_class_order') if trainer.regions else None
     deep_supervision, network.deep_supervision = network.deep_supervision, False
     network.eval()
@@ -299,12 +349,19 @@ def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[P
     try:
         for case in tqdm(trainer.val_cases, desc='validation cases', disable=not trainer.progress):
             data, _, properties = load_preprocessed_case(trainer.data_folder, case)
+            if trainer.previous_stage is not None:   # a cascade stage: the previous stage's map, one-hot
+                previous = load_previous_stage(trainer.previous_stage, case, data.shape[1:])
+                data = cascade_input(data, previous, trainer.settings['cascade_labels'])
             with autocast(trainer.device, trainer.amp_dtype):
                 logits = sliding_window_predict(network, data, trainer.settings['patch_size'], step,
                                                 trainer.settings['mirror_axes'], device=trainer.device)
             label = revert(logits, properties, trainer.config, regions_class_order=order)
             written.append(
                 write_label(label, Geometry.from_dict(properties['geometry']), out / f'{case}{ending}'))
+            if next_stage is not None:
+                seg = next_stage_segmentation(logits, properties, trainer.plans, trainer.configuration,
+                                              next_stage, order)
+                atomic_write(next_dir / f'{case}.npy', lambda tmp: np.save(tmp, seg))
     finally:
         network.deep_supervision = deep_supervision
     return written

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import foreground_regions
+from .data import foreground_labels, foreground_regions
 from .preprocessing import configuration_of
 
 # %% auto #0
-__all__ = ['conv_norm_act', 'conv_stage', 'UNet', 'init_weights', 'n_outputs', 'build_network', 'count_parameters',
-           'stage_shapes', 'describe_network', 'draw_network', 'reference_key', 'load_reference_weights',
-           'reference_state_dict']
+__all__ = ['conv_norm_act', 'conv_stage', 'UNet', 'init_weights', 'n_outputs', 'input_channels', 'build_network',
+           'count_parameters', 'stage_shapes', 'describe_network', 'draw_network', 'reference_key',
+           'load_reference_weights', 'reference_state_dict']
 
 # %% ../nbs/05_network.ipynb #c086059a
 def conv_norm_act(dim: int, in_channels: int, out_channels: int, kernel, stride=1) -> nn.Sequential:
@@ -108,12 +108,22 @@ def n_outputs(dataset_json: dict) -> int:
     regions = foreground_regions(dataset_json)
     return len(regions) if regions is not None else sum(1 for k in dataset_json['labels'] if k != 'ignore')
 
+def input_channels(plans: dict, configuration: str, dataset_json: dict) -> int:
+    """The image channels, and for a cascade stage (a configuration with a `previous_stage`) one more channel
+    per foreground label: the previous stage's segmentation, one-hot."""
+    extra = (
+        foreground_labels(dataset_json)
+        if configuration_of(plans, configuration).get('previous_stage')
+        else []
+    )
+    return len(dataset_json['channel_names']) + len(extra)
+
 def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True,
                   initialise: bool = True) -> UNet:
     "The configuration's U-Net, He-initialised."
     arch = configuration_of(plans, configuration)['architecture']['arch_kwargs']
-    net = UNet(len(dataset_json['channel_names']), n_outputs(dataset_json), arch['features_per_stage'],
-               arch['kernel_sizes'], arch['strides'], arch['n_conv_per_stage'],
+    net = UNet(input_channels(plans, configuration, dataset_json), n_outputs(dataset_json),
+               arch['features_per_stage'], arch['kernel_sizes'], arch['strides'], arch['n_conv_per_stage'],
                arch['n_conv_per_stage_decoder'], deep_supervision)
     if initialise: net.apply(init_weights)
     return net

@@ -29,10 +29,10 @@ __all__ = ['NORMALIZERS', 'ANISOTROPY_THRESHOLD', 'MAX_LOCATIONS_PER_CLASS', 'MI
            'PROBABILITY_RESAMPLING', 'transpose_case', 'ct_normalize', 'zscore_normalize', 'rescale_to_0_1',
            'rgb_to_0_1', 'no_normalization', 'normalize', 'new_shape_for', 'coarse_axis', 'separate_z_axis',
            'resample_image_scipy', 'interpolation_matrix', 'along_axis', 'resample_image', 'resample_label',
-           'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of', 'resampling_kwargs',
-           'target_spacing_for', 'preprocess_arrays', 'read_case', 'preprocess_case', 'revert', 'label_to_logits',
-           'save_case', 'load_preprocessed_case', 'case_is_done', 'preprocess_dataset', 'copy_ground_truth',
-           'preprocessed_cases']
+           'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of', 'preprocessed_folder_name',
+           'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays', 'read_case', 'preprocess_case', 'revert',
+           'next_stage_segmentation', 'label_to_logits', 'save_case', 'load_preprocessed_case', 'case_is_done',
+           'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
 
 # %% ../nbs/04_preprocessing.ipynb #756be7f2
 def transpose_case(image: np.ndarray, label: np.ndarray | None, spacing, transpose_forward):
@@ -345,6 +345,14 @@ def configuration_of(plans: dict, configuration: str) -> dict:
                **{k: v for k, v in cfg.items() if k != 'inherits_from'}}
     return cfg
 
+def preprocessed_folder_name(plans: dict, configuration: str) -> str:
+    """The folder of the preprocessed cases `configuration` uses: its own, or its parent's when it inherits
+    without a data_identifier of its own (the cascade's full-resolution stage reads 3d_fullres's cases)."""
+    raw = plans['configurations'].get(configuration, {})
+    if 'inherits_from' in raw and 'data_identifier' not in raw:
+        return preprocessed_folder_name(plans, raw['inherits_from'])
+    return configuration
+
 RESAMPLING_KEYS = ('order', 'order_z', 'force_separate_z', 'separate_z_anisotropy_threshold')
 
 def resampling_kwargs(configuration: dict, which: str = 'data') -> dict:
@@ -464,6 +472,23 @@ def revert(logits, properties: dict, configuration: dict | None = None, return_p
     full_p[(slice(None),) + box] = probabilities
     return label, full_p.permute(0, *[a + 1 for a in back]).cpu().numpy()
 
+def next_stage_segmentation(logits, properties: dict, plans: dict, configuration: str, next_stage: str,
+                            regions_class_order=None) -> np.ndarray:
+    """A first cascade stage's logits (K, *its preprocessed shape) -> its label map (z, y, x) on the next
+    stage's preprocessed grid, as nnU-Net v2 hands it on: the logits resampled linearly (the stage's own
+    spacing deciding any separate z), then argmax (regions: each above 0.5 paints its label, in order). Both
+    stages crop the same box, so nothing is un-cropped."""
+    own, spacing = properties['spacing_after_resampling'], properties['spacing_before_resampling']
+    target = target_spacing_for(configuration_of(plans, next_stage), spacing)
+    shape = new_shape_for(properties['shape_after_cropping_and_before_resampling'], spacing, target)
+    x, _ = _as_tensor(logits)
+    kw = resampling_kwargs(configuration_of(plans, configuration), 'probabilities')
+    x = resample_image(x.float(), shape, own, own, **kw)
+    if regions_class_order is None: return x.argmax(0).to(torch.uint8).cpu().numpy()
+    seg = torch.zeros(x.shape[1:], dtype=torch.uint8, device=x.device)
+    for p, label in zip(torch.sigmoid(x), regions_class_order): seg[p > 0.5] = label
+    return seg.cpu().numpy()
+
 # %% ../nbs/04_preprocessing.ipynb #eb215fc7
 def label_to_logits(seg: np.ndarray, n_classes: int, scale: float = 10.0) -> np.ndarray:
     """One-hot logits `(K, z, y, x)` of a preprocessed `(1, z, y, x)`
@@ -535,6 +560,7 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
     """Preprocess every training case of a raw dataset for one configuration into `out_dir/configuration/`
     (resumable; returns that folder)."""
     plans = load_plans(plans) if isinstance(plans, (str, os.PathLike)) else plans
+    configuration = preprocessed_folder_name(plans, configuration)   # the cascade uses 3d_fullres's cases
     dataset_json = read_dataset_json(dataset_dir)
     folder = Path(out_dir) / configuration
     record = _settings_record(plans, configuration, dataset_json)

@@ -28,7 +28,7 @@ from .data import (atomic_write, atomic_write_text, foreground_regions, read_jso
 from .dataloading import (OVERSAMPLE_FOREGROUND, PreprocessedDataset, TrainingBatches,
                                      forced_foreground, pipeline_settings)
 from .network import build_network, load_reference_weights, reference_state_dict
-from .preprocessing import configuration_of, preprocessed_cases
+from .preprocessing import configuration_of, preprocessed_cases, preprocessed_folder_name
 
 # %% auto #0
 __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITERATIONS', 'VAL_ITERATIONS', 'SAVE_EVERY',
@@ -36,8 +36,8 @@ __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITE
            'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice',
            'ema', 'load_or_make_splits', 'fold_cases', 'distributed_info', 'init_distributed', 'rank_batch_sizes',
            'rank_oversample', 'save_checkpoint', 'load_checkpoint', 'write_log_csv', 'progress_figure',
-           'default_device', 'default_output_dir', 'cpu_has_native_bf16', 'amp_dtype', 'autocast', 'loss_function',
-           'class_names', 'Trainer', 'ranks_agree']
+           'default_device', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16', 'amp_dtype', 'autocast',
+           'loss_function', 'class_names', 'Trainer', 'ranks_agree']
 
 # %% ../nbs/08_training.ipynb #a1e33062
 def one_hot(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -291,6 +291,11 @@ def default_output_dir(preprocessed_dir, configuration: str, fold) -> Path:
     model folders of its own, so two datasets never write into (and mix) one."""
     return Path(preprocessed_dir).resolve() / 'results' / configuration / f'fold_{fold}'
 
+def next_stage_folder(model_dir, next_stage: str) -> Path:
+    """Where a stage's model folder keeps its validation cases predicted for the next stage of a cascade
+    (`predicted_next_stage/<next stage>`, as nnU-Net v2)."""
+    return Path(model_dir) / 'predicted_next_stage' / next_stage
+
 def cpu_has_native_bf16() -> bool:
     "Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Then bf16 convolutions run 2-3x faster."
     try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -325,17 +330,21 @@ def class_names(dataset_json: dict) -> list[str]:
 # %% ../nbs/08_training.ipynb #089a04b0
 class Trainer:
     """Train one fold of one configuration of a preprocessed folder; checkpoints, log.csv and progress.png go
-    to `output_dir`. `fit()` runs it, `fit(resume=True)` continues from the last checkpoint."""
+    to `output_dir`. `fit()` runs it, `fit(resume=True)` continues from the last checkpoint. A cascade stage
+    (a configuration with a `previous_stage`) reads the previous stage's predictions of its cases from the
+    folder `previous_stage` (default: `predicted_next_stage/<configuration>` in the previous stage's default
+    model folder)."""
     def __init__(self, preprocessed_dir, configuration: str = '3d_fullres', fold=0, output_dir=None,
                  epochs: int = EPOCHS, iterations: int = ITERATIONS, val_iterations: int = VAL_ITERATIONS,
                  save_every: int = SAVE_EVERY, device: str | None = None, seed: int = 0, threads: int = 2,
-                 amp: bool = True, progress: bool = True, live: bool = False, plot_every_s: float = 10.0):
+                 amp: bool = True, progress: bool = True, live: bool = False, plot_every_s: float = 10.0,
+                 previous_stage=None):
         self.preprocessed_dir, self.configuration, self.fold = Path(preprocessed_dir), configuration, fold
         hint = 'train on the folder `nnlite preprocess` wrote'
         self.plans = read_json(self.preprocessed_dir / 'plans.json', hint=hint)
         self.dataset_json = read_json(self.preprocessed_dir / 'dataset.json', hint=hint)
         self.config = configuration_of(self.plans, configuration)
-        self.data_folder = self.preprocessed_dir / configuration
+        self.data_folder = self.preprocessed_dir / preprocessed_folder_name(self.plans, configuration)
         if not self.data_folder.is_dir():
             raise FileNotFoundError(f"{self.data_folder}: not found "
                                     f"(run `nnlite preprocess ... -c {configuration}` first)")
@@ -361,6 +370,7 @@ class Trainer:
             else []
         )
         self.train_cases, self.val_cases = fold_cases(splits, fold, cases)
+        self.previous_stage = self._previous_stage_folder(previous_stage, splits)
         self.settings = pipeline_settings(self.plans, configuration, self.dataset_json)
         self.regions = self.settings['regions'] is not None
         self.ignore_label = self.dataset_json['labels'].get('ignore')
@@ -380,6 +390,22 @@ class Trainer:
         self.trained_now = None   # set by fit(): did it run any epoch?
         self._last_plot, self._display = 0.0, None
 
+    def _previous_stage_folder(self, folder, splits) -> Path | None:
+        """The folder of the previous stage's predictions of a cascade stage (None for other configurations);
+        a one-line error naming a case it lacks and the fold of the previous stage that predicts it."""
+        previous = self.config.get('previous_stage')
+        if previous is None: return None
+        default = default_output_dir(self.preprocessed_dir, previous, self.fold).parent
+        folder = Path(folder) if folder is not None else next_stage_folder(default, self.configuration)
+        for case in sorted(set(self.train_cases) | set(self.val_cases)):
+            if not (folder / f'{case}.npy').is_file():
+                fold = next((f for f, s in enumerate(splits) if case in s['val']), self.fold)
+                raise FileNotFoundError(
+                    f"{folder / case}.npy: no {previous} prediction of case {case} for {self.configuration}; "
+                    f"train {previous} fold {fold} first (its validation predicts it: nnlite train "
+                    f"{self.preprocessed_dir} -c {previous} -f {fold})")
+        return folder
+
 # %% ../nbs/08_training.ipynb #cc818eec
 @patch
 def batch_streams(self: Trainer) -> tuple[TrainingBatches, TrainingBatches]:
@@ -387,7 +413,8 @@ def batch_streams(self: Trainer) -> tuple[TrainingBatches, TrainingBatches]:
     size = rank_batch_sizes(self.settings['batch_size'], self.world)[self.rank]
     oversample = rank_oversample(self.settings['batch_size'], self.world, self.rank)
     def stream(cases, number: int, augment: bool, start: int) -> TrainingBatches:
-        return TrainingBatches(PreprocessedDataset(self.data_folder, cases), self.settings, self.device,
+        dataset = PreprocessedDataset(self.data_folder, cases, previous_stage=self.previous_stage)
+        return TrainingBatches(dataset, self.settings, self.device,
                                seed=(self.seed, self.rank, number), augment=augment, batch_size=size,
                                threads=self.threads, oversample=oversample, start=start)
     return (stream(self.train_cases, 0, True, self.epoch * self.iterations),
@@ -552,8 +579,8 @@ def draw_progress(self: Trainer):
 
 @patch
 def _claim_model_folder(self: Trainer):
-    """Refuse a model folder whose plans.json or dataset.json are not ours (its folds would mix with ours), then
-    write them (and the fingerprint) beside the fold folders, as prediction needs them."""
+    """Refuse a model folder whose plans.json or dataset.json are not ours (its folds would mix with
+    ours), then write them (and the fingerprint) beside the fold folders, as prediction needs them."""
     model_dir = self.output_dir.parent
     for name, ours in (('plans.json', self.plans), ('dataset.json', self.dataset_json)):
         theirs = model_dir / name

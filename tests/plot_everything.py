@@ -171,6 +171,20 @@ def _prediction_figure(c, save):
     save(c.cli.prediction_figure(c.raw, predictions, c.test_id))
 
 
+@draws('cascade.cascade_input_figure')
+def _cascade_input_figure(c, save):
+    pre, previous = c.tmp / 'cascade', c.tmp / 'previous_stage'
+    cascade = {'inherits_from': '3d_fullres', 'previous_stage': '3d_lowres'}
+    plans = {**c.plan, 'configurations': {**c.plan['configurations'], '3d_cascade_fullres': cascade}}
+    c.preprocessing.preprocess_dataset(c.raw, plans, '3d_fullres', pre, progress=False)
+    c.data.write_json(pre / 'plans.json', plans)
+    c.data.write_json(pre / 'dataset.json', c.dataset_json)
+    previous.mkdir()                                    # a "first stage" that predicted the labels themselves
+    label = c.np.load(pre / '3d_fullres' / f'{c.train_id}_seg.npy')[0]
+    c.np.save(previous / f'{c.train_id}.npy', c.np.maximum(label, 0).astype(c.np.uint8))
+    save(c.cascade.cascade_input_figure(pre, c.train_id, previous_stage=previous))
+
+
 @contextlib.contextmanager
 def _patched(owner, name, value):
     old = getattr(owner, name)
