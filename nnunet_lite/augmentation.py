@@ -458,11 +458,11 @@ def previous_stage_onehot(prev: torch.Tensor, labels) -> torch.Tensor:
 
 def ball(radius: float, device=None) -> torch.Tensor:
     """skimage's `ball(radius)` for a float radius: a cube of floor(2r + 1) voxels per side, coordinates
-    spread over [-r, r], True within r of the centre."""
-    side = int(2 * radius + 1)
-    axis = torch.linspace(-radius, radius, side, dtype=torch.float64)
-    z, y, x = torch.meshgrid(axis, axis, axis, indexing='ij')
-    return (z ** 2 + y ** 2 + x ** 2 <= radius ** 2).to(device)
+    spread over [-r, r], True within r of the centre. Built with numpy's grid, as skimage builds it: voxels
+    exactly at distance r are decided by the same float rounding."""
+    n = 2 * radius + 1
+    z, y, x = np.mgrid[-radius:radius:n * 1j, -radius:radius:n * 1j, -radius:radius:n * 1j]
+    return torch.from_numpy(x ** 2 + y ** 2 + z ** 2 <= radius * radius).to(device)
 
 def dilate(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
     """Binary dilation of a (*S) mask as the reference computes it: correlation with `structure` (its centre

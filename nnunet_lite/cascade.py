@@ -43,17 +43,17 @@ def train_cascade(preprocessed_dir, folds=(0, 1, 2, 3, 4), second_folds=None, pr
     return summaries
 
 # %% ../nbs/13_cascade.ipynb #31ea4dd1
-def cascade_input_figure(preprocessed_dir, case_id: str, previous_stage=None):
-    """The second stage's input for a training case: the image and its labels, the first stage's prediction on
-    the same grid (from `previous_stage`, default: the first stage's default model folder), and its one-hot
-    channels."""
+def cascade_input_figure(preprocessed_dir, case_id: str, previous_predictions=None):
+    """The second stage's input for a training case: the image and its labels, the first stage's prediction
+    on the same grid (from `previous_predictions`, default: the first stage's default model folder), and its
+    one-hot channels."""
     plans = read_json(Path(preprocessed_dir) / 'plans.json', 'plans file')
     dataset_json = read_json(Path(preprocessed_dir) / 'dataset.json')
     first, second = cascade_stages(plans)
     folder = Path(preprocessed_dir) / preprocessed_folder_name(plans, second)
     data, seg, props = load_preprocessed_case(folder, case_id)
     model = default_output_dir(preprocessed_dir, first, 'all').parent
-    previous = Path(previous_stage) if previous_stage else next_stage_folder(model, second)
+    previous = Path(previous_predictions) if previous_predictions else next_stage_folder(model, second)
     prev = np.load(previous / f'{case_id}.npy')
     labels, z = foreground_labels(dataset_json), data.shape[1] // 2
     fig, axs = plt.subplots(1, 2 + len(labels), figsize=(3.4 * (2 + len(labels)), 3.6))

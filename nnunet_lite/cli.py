@@ -213,7 +213,7 @@ def cmd_train(args) -> int:
         trainer = Trainer(args.preprocessed_dir, args.configuration, args.fold, fold_dir, epochs=args.epochs,
                           iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
                           device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
-                          progress=not args.quiet, previous_stage=args.prev_stage_predictions)
+                          progress=not args.quiet, previous_predictions=args.prev_stage_predictions)
         if rank == 0:
             precision = (
                 str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32'

@@ -128,14 +128,14 @@ def load_previous_stage(folder, case_id: str, shape) -> np.ndarray:
     return prev
 
 class PreprocessedDataset:
-    """The cases of a preprocessed configuration folder, opened lazily as memory maps. With `previous_stage`
-    (a folder of CASE.npy label maps on the same grid: the cascade's), each case's properties carry its map
-    as 'previous_stage'."""
-    def __init__(self, folder, case_ids=None, previous_stage=None):
+    """The cases of a preprocessed configuration folder, opened lazily as memory maps. With
+    `previous_predictions` (a folder of CASE.npy label maps on the same grid: the cascade's), each case's
+    properties carry its map as 'previous_stage'."""
+    def __init__(self, folder, case_ids=None, previous_predictions=None):
         self.folder = Path(folder)
         self.case_ids = list(case_ids) if case_ids is not None else preprocessed_cases(self.folder)
         if not self.case_ids: raise FileNotFoundError(f"{self.folder}: no preprocessed cases")
-        self.previous_stage = Path(previous_stage) if previous_stage is not None else None
+        self.previous_predictions = Path(previous_predictions) if previous_predictions is not None else None
         self._open, self._lock = {}, threading.Lock()
 
     def __len__(self): return len(self.case_ids)
@@ -145,8 +145,8 @@ class PreprocessedDataset:
         with self._lock:
             if case_id not in self._open:
                 case = load_preprocessed_case(self.folder, case_id, mmap=True)
-                if self.previous_stage is not None:
-                    case[2]['previous_stage'] = load_previous_stage(self.previous_stage, case_id,
+                if self.previous_predictions is not None:
+                    case[2]['previous_stage'] = load_previous_stage(self.previous_predictions, case_id,
                                                                     case[1].shape[1:])
                 self._open[case_id] = case
             return self._open[case_id]
@@ -164,7 +164,7 @@ def sample_batch(dataset: PreprocessedDataset, batch_size: int, patch_size, fina
     else: p3, f3 = list(patch_size), list(final_patch_size)
     keys = [dataset.case_ids[i] for i in rng.integers(len(dataset), size=batch_size)]
     forced = forced_foreground(batch_size, oversample)
-    data, seg = None, np.empty((batch_size, 1 + (dataset.previous_stage is not None), *p3), np.int16)
+    data, seg = None, np.empty((batch_size, 1 + (dataset.previous_predictions is not None), *p3), np.int16)
     for j, (key, force) in enumerate(zip(keys, forced)):
         image, label, props = dataset[key]
         if data is None: data = np.empty((batch_size, image.shape[0], *p3), np.float32)

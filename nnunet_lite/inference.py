@@ -349,8 +349,8 @@ def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[P
     try:
         for case in tqdm(trainer.val_cases, desc='validation cases', disable=not trainer.progress):
             data, _, properties = load_preprocessed_case(trainer.data_folder, case)
-            if trainer.previous_stage is not None:   # a cascade stage: the previous stage's map, one-hot
-                previous = load_previous_stage(trainer.previous_stage, case, data.shape[1:])
+            if trainer.previous_predictions is not None:   # a cascade stage: the first stage's map, one-hot
+                previous = load_previous_stage(trainer.previous_predictions, case, data.shape[1:])
                 data = cascade_input(data, previous, trainer.settings['cascade_labels'])
             with autocast(trainer.device, trainer.amp_dtype):
                 logits = sliding_window_predict(network, data, trainer.settings['patch_size'], step,

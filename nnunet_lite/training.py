@@ -332,13 +332,13 @@ class Trainer:
     """Train one fold of one configuration of a preprocessed folder; checkpoints, log.csv and progress.png go
     to `output_dir`. `fit()` runs it, `fit(resume=True)` continues from the last checkpoint. A cascade stage
     (a configuration with a `previous_stage`) reads the previous stage's predictions of its cases from the
-    folder `previous_stage` (default: `predicted_next_stage/<configuration>` in the previous stage's default
-    model folder)."""
+    folder `previous_predictions` (default: `predicted_next_stage/<configuration>` in the previous stage's
+    default model folder)."""
     def __init__(self, preprocessed_dir, configuration: str = '3d_fullres', fold=0, output_dir=None,
                  epochs: int = EPOCHS, iterations: int = ITERATIONS, val_iterations: int = VAL_ITERATIONS,
                  save_every: int = SAVE_EVERY, device: str | None = None, seed: int = 0, threads: int = 2,
                  amp: bool = True, progress: bool = True, live: bool = False, plot_every_s: float = 10.0,
-                 previous_stage=None):
+                 previous_predictions=None):
         self.preprocessed_dir, self.configuration, self.fold = Path(preprocessed_dir), configuration, fold
         hint = 'train on the folder `nnlite preprocess` wrote'
         self.plans = read_json(self.preprocessed_dir / 'plans.json', hint=hint)
@@ -370,7 +370,7 @@ class Trainer:
             else []
         )
         self.train_cases, self.val_cases = fold_cases(splits, fold, cases)
-        self.previous_stage = self._previous_stage_folder(previous_stage, splits)
+        self.previous_predictions = self._previous_predictions_folder(previous_predictions, splits)
         self.settings = pipeline_settings(self.plans, configuration, self.dataset_json)
         self.regions = self.settings['regions'] is not None
         self.ignore_label = self.dataset_json['labels'].get('ignore')
@@ -390,7 +390,7 @@ class Trainer:
         self.trained_now = None   # set by fit(): did it run any epoch?
         self._last_plot, self._display = 0.0, None
 
-    def _previous_stage_folder(self, folder, splits) -> Path | None:
+    def _previous_predictions_folder(self, folder, splits) -> Path | None:
         """The folder of the previous stage's predictions of a cascade stage (None for other configurations);
         a one-line error naming a case it lacks and the fold of the previous stage that predicts it."""
         previous = self.config.get('previous_stage')
@@ -413,7 +413,7 @@ def batch_streams(self: Trainer) -> tuple[TrainingBatches, TrainingBatches]:
     size = rank_batch_sizes(self.settings['batch_size'], self.world)[self.rank]
     oversample = rank_oversample(self.settings['batch_size'], self.world, self.rank)
     def stream(cases, number: int, augment: bool, start: int) -> TrainingBatches:
-        dataset = PreprocessedDataset(self.data_folder, cases, previous_stage=self.previous_stage)
+        dataset = PreprocessedDataset(self.data_folder, cases, previous_predictions=self.previous_predictions)
         return TrainingBatches(dataset, self.settings, self.device,
                                seed=(self.seed, self.rank, number), augment=augment, batch_size=size,
                                threads=self.threads, oversample=oversample, start=start)

@@ -182,7 +182,7 @@ def _cascade_input_figure(c, save):
     previous.mkdir()                                    # a "first stage" that predicted the labels themselves
     label = c.np.load(pre / '3d_fullres' / f'{c.train_id}_seg.npy')[0]
     c.np.save(previous / f'{c.train_id}.npy', c.np.maximum(label, 0).astype(c.np.uint8))
-    save(c.cascade.cascade_input_figure(pre, c.train_id, previous_stage=previous))
+    save(c.cascade.cascade_input_figure(pre, c.train_id, previous_predictions=previous))
 
 
 @contextlib.contextmanager
