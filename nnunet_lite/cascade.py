@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .data import foreground_labels, read_json
+from .plans import load_plans
 from .evaluation import validate_fold
 from .preprocessing import configuration_of, load_preprocessed_case, preprocessed_folder_name
-from .training import Trainer, default_output_dir, next_stage_folder
+from .training import Trainer, default_model_dir, next_stage_folder
 from .viz import show_slice
 
 # %% auto #0
@@ -32,8 +33,7 @@ def train_cascade(preprocessed_dir, folds=(0, 1, 2, 3, 4), second_folds=None, pr
     """Train the first stage of the plans' cascade on `folds` (each validated: its validation cases predicted
     for the second stage), then the second stage on `second_folds` (default: the same). Returns {(stage,
     fold): the fold's validation summary}; `trainer_kwargs` go to every `Trainer` (epochs, device, ...)."""
-    plans = read_json(Path(preprocessed_dir) / 'plans.json', 'plans file')
-    first, second = cascade_stages(plans)
+    first, second = cascade_stages(load_plans(Path(preprocessed_dir) / 'plans.json'))
     summaries = {}
     for stage, stage_folds in ((first, folds), (second, folds if second_folds is None else second_folds)):
         for fold in stage_folds:
@@ -47,13 +47,13 @@ def cascade_input_figure(preprocessed_dir, case_id: str, previous_predictions=No
     """The second stage's input for a training case: the image and its labels, the first stage's prediction
     on the same grid (from `previous_predictions`, default: the first stage's default model folder), and its
     one-hot channels."""
-    plans = read_json(Path(preprocessed_dir) / 'plans.json', 'plans file')
+    plans = load_plans(Path(preprocessed_dir) / 'plans.json')
     dataset_json = read_json(Path(preprocessed_dir) / 'dataset.json')
     first, second = cascade_stages(plans)
     folder = Path(preprocessed_dir) / preprocessed_folder_name(plans, second)
     data, seg, props = load_preprocessed_case(folder, case_id)
-    model = default_output_dir(preprocessed_dir, first, 'all').parent
-    previous = Path(previous_predictions) if previous_predictions else next_stage_folder(model, second)
+    default = next_stage_folder(default_model_dir(preprocessed_dir, first), second)
+    previous = Path(previous_predictions) if previous_predictions else default
     prev = np.load(previous / f'{case_id}.npy')
     labels, z = foreground_labels(dataset_json), data.shape[1] // 2
     fig, axs = plt.subplots(1, 2 + len(labels), figsize=(3.4 * (2 + len(labels)), 3.6))

@@ -36,8 +36,8 @@ __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITE
            'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice',
            'ema', 'load_or_make_splits', 'fold_cases', 'distributed_info', 'init_distributed', 'rank_batch_sizes',
            'rank_oversample', 'save_checkpoint', 'load_checkpoint', 'write_log_csv', 'progress_figure',
-           'default_device', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16', 'amp_dtype', 'autocast',
-           'loss_function', 'class_names', 'Trainer', 'ranks_agree']
+           'default_device', 'default_model_dir', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16',
+           'amp_dtype', 'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
 
 # %% ../nbs/08_training.ipynb #a1e33062
 def one_hot(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -286,10 +286,14 @@ EPOCHS, ITERATIONS, VAL_ITERATIONS, SAVE_EVERY = 1000, 250, 50, 50
 def default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 
+def default_model_dir(preprocessed_dir, configuration: str) -> Path:
+    """results/<configuration> inside the preprocessed folder: every preprocessed dataset has model folders
+    of its own, so two datasets never write into (and mix) one."""
+    return Path(preprocessed_dir).resolve() / 'results' / configuration
+
 def default_output_dir(preprocessed_dir, configuration: str, fold) -> Path:
-    """results/<configuration>/fold_<fold> inside the preprocessed folder: every preprocessed dataset has
-    model folders of its own, so two datasets never write into (and mix) one."""
-    return Path(preprocessed_dir).resolve() / 'results' / configuration / f'fold_{fold}'
+    "The fold's folder in the default model folder: results/<configuration>/fold_<fold>."
+    return default_model_dir(preprocessed_dir, configuration) / f'fold_{fold}'
 
 def next_stage_folder(model_dir, next_stage: str) -> Path:
     """Where a stage's model folder keeps its validation cases predicted for the next stage of a cascade
@@ -395,8 +399,8 @@ class Trainer:
         a one-line error naming a case it lacks and the fold of the previous stage that predicts it."""
         previous = self.config.get('previous_stage')
         if previous is None: return None
-        default = default_output_dir(self.preprocessed_dir, previous, self.fold).parent
-        folder = Path(folder) if folder is not None else next_stage_folder(default, self.configuration)
+        default = next_stage_folder(default_model_dir(self.preprocessed_dir, previous), self.configuration)
+        folder = Path(folder) if folder is not None else default
         for case in sorted(set(self.train_cases) | set(self.val_cases)):
             if not (folder / f'{case}.npy').is_file():
                 fold = next((f for f, s in enumerate(splits) if case in s['val']), self.fold)
