@@ -160,10 +160,11 @@ def summary_table(summary: dict, metric: str = 'Dice') -> pd.DataFrame:
     return table
 
 # %% ../nbs/10_evaluation.ipynb #914f2e62
-def validate_fold(trainer, redo: bool = False) -> dict | None:
+def validate_fold(trainer, redo: bool = False, save_probabilities: bool = False) -> dict | None:
     """Predict the validation cases of a fitted trainer's fold and evaluate them into the fold's
-    `validation/summary.json`. Skipped (the summary is read back) when `fit` trained nothing now and the
-    summary is newer than checkpoint_final, unless `redo`. None on ranks other than 0, without validation
+    `validation/summary.json` (with `save_probabilities` also each case's CASE.npz, for ensembles). Skipped (the
+    summary is read back) when `fit` trained nothing now and the summary is newer than checkpoint_final, unless
+    `redo` or probabilities are asked for and missing. None on ranks other than 0, without validation
     cases, or without `gt_segmentations/` beside the plans."""
     from nnunet_lite.inference import predict_validation_cases   # here: evaluating a folder needs no torch
     if trainer.trained_now is None:
@@ -173,8 +174,10 @@ def validate_fold(trainer, redo: bool = False) -> dict | None:
     out = trainer.output_dir / 'validation'
     summary_file, final = out / 'summary.json', trainer.output_dir / 'checkpoint_final.pth'
     up_to_date = summary_file.is_file() and summary_file.stat().st_mtime >= final.stat().st_mtime
+    if save_probabilities:
+        up_to_date = up_to_date and all((out / f'{case}.npz').is_file() for case in trainer.val_cases)
     if up_to_date and not trainer.trained_now and not redo: return load_summary(summary_file)
-    predict_validation_cases(trainer, out)
+    predict_validation_cases(trainer, out, save_probabilities=save_probabilities)
     gt = trainer.preprocessed_dir / 'gt_segmentations'
     if not gt.is_dir():
         if trainer.progress: print(f"{gt}: not found, the validation predictions in {out} are not evaluated")

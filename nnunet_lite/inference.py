@@ -27,8 +27,8 @@ from .training import amp_dtype, autocast, default_device, load_checkpoint, next
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices', 'mirror_combinations',
-           'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'Predictor',
-           'predict_validation_cases']
+           'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
+           'write_prediction', 'Predictor', 'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
 def sliding_window_steps(image_size, patch_size, step: float = 0.5) -> list[list[int]]:
@@ -180,6 +180,22 @@ def cascade_input(data, previous, labels) -> torch.Tensor:
     previous = torch.as_tensor(np.asarray(previous).astype(np.int16))[None, None]
     return torch.cat([data, previous_stage_onehot(previous, labels)[0].to(data.device)], 0)
 
+def probabilities_file(label_file) -> Path:
+    "CASE.npz beside a prediction CASE<file ending>: where its probabilities go."
+    label_file = Path(label_file)
+    return label_file.with_name(label_file.name.removesuffix(file_ending_of(label_file)) + '.npz')
+
+def write_prediction(label, geometry: Geometry, out_file, probabilities=None) -> Path:
+    """Write a predicted label map and, when given, its probabilities (K, z, y, x) on the same grid to CASE.npz
+    (key 'probabilities' as nnU-Net's, float16 to halve the disk; first, so a label file means a whole case)."""
+    out_file = Path(out_file)
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities).astype(np.float16)
+        atomic_write(probabilities_file(out_file),
+                     lambda tmp: np.savez_compressed(tmp, probabilities=probabilities,
+                                                     spacing=np.asarray(geometry.spacing)))
+    return write_label(label, geometry, out_file)
+
 class Predictor:
     """Predict images with the folds of a trained model folder. The second stage of a cascade needs the first
     stage's segmentation of each image: from its model folder `previous_stage` (default: the sibling model
@@ -286,17 +302,8 @@ class Predictor:
         return self._write(result, geometry, out_file, save_probabilities)
 
     def _write(self, result, geometry: Geometry, out_file, save_probabilities: bool) -> Path:
-        out_file = Path(out_file)
         label, probabilities = result if save_probabilities else (result, None)
-        write_label(label, geometry, out_file)
-        if probabilities is not None:
-            npz = out_file.with_name(out_file.name.removesuffix(file_ending_of(out_file)) + '.npz')
-            atomic_write(
-                npz,
-                lambda tmp: np.savez_compressed(tmp, probabilities=probabilities.astype(np.float16),
-                                                spacing=np.asarray(geometry.spacing)),
-            )
-        return out_file
+        return write_prediction(label, geometry, out_file, probabilities)
 
     def predict_folder(self, in_dir, out_dir, save_probabilities: bool = False,
                        overwrite: bool = False) -> list[Path]:
@@ -332,10 +339,11 @@ def _probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
     return torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
 
 # %% ../nbs/09_inference.ipynb #957b78f2
-def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[Path]:
+def predict_validation_cases(trainer, out_dir=None, step: float = 0.5,
+                             save_probabilities: bool = False) -> list[Path]:
     """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from
     the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its
-    original grid. Rank 0 only. The first stage of a cascade also writes each case's prediction on
+    original grid (with `save_probabilities` also CASE.npz, what ensembles average). Rank 0 only. The first stage of a cascade also writes each case's prediction on
     the next stage's grid to `predicted_next_stage/<next stage>/CASE.npy` in its model folder."""
     if trainer.rank != 0: return []
     out = Path(out_dir) if out_dir else trainer.output_dir / 'validation'
@@ -355,9 +363,10 @@ def predict_validation_cases(trainer, out_dir=None, step: float = 0.5) -> list[P
             with autocast(trainer.device, trainer.amp_dtype):
                 logits = sliding_window_predict(network, data, trainer.settings['patch_size'], step,
                                                 trainer.settings['mirror_axes'], device=trainer.device)
-            label = revert(logits, properties, trainer.config, regions_class_order=order)
-            written.append(
-                write_label(label, Geometry.from_dict(properties['geometry']), out / f'{case}{ending}'))
+            result = revert(logits, properties, trainer.config, save_probabilities, regions_class_order=order)
+            label, probabilities = result if save_probabilities else (result, None)
+            geometry = Geometry.from_dict(properties['geometry'])
+            written.append(write_prediction(label, geometry, out / f'{case}{ending}', probabilities))
             if next_stage is not None:
                 seg = next_stage_segmentation(logits, properties, trainer.plans, trainer.configuration,
                                               next_stage, order)

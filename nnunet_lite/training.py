@@ -9,6 +9,8 @@ import csv
 import io
 import math
 import os
+import pickle
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -35,9 +37,9 @@ __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITE
            'one_hot', 'SumOverRanks', 'soft_dice', 'dice_ce_loss', 'region_dice_bce_loss', 'deep_supervision_weights',
            'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice',
            'ema', 'load_or_make_splits', 'fold_cases', 'distributed_info', 'init_distributed', 'rank_batch_sizes',
-           'rank_oversample', 'save_checkpoint', 'load_checkpoint', 'write_log_csv', 'progress_figure',
-           'default_device', 'default_model_dir', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16',
-           'amp_dtype', 'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
+           'rank_oversample', 'save_checkpoint', 'numpy_scalar_globals', 'load_checkpoint', 'write_log_csv',
+           'progress_figure', 'default_device', 'default_model_dir', 'default_output_dir', 'next_stage_folder',
+           'cpu_has_native_bf16', 'amp_dtype', 'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
 
 # %% ../nbs/08_training.ipynb #a1e33062
 def one_hot(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -242,11 +244,28 @@ def save_checkpoint(path, state: dict) -> Path:
     "torch.save under a temporary name, then rename."
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
+def numpy_scalar_globals() -> list:
+    """What a checkpoint of nnU-Net v2 needs beyond tensors: numpy scalars in its log (np.float64 Dice) and
+    their dtypes, under numpy 2's and numpy 1's module names. Nothing else is unpickled."""
+    scalar = np._core.multiarray.scalar
+    dtypes = {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDG'}
+    return [scalar, (scalar, 'numpy.core.multiarray.scalar'), np.dtype,
+            *sorted(dtypes, key=lambda t: t.__name__)]
+
 def load_checkpoint(path, map_location='cpu') -> dict:
-    "A checkpoint, loaded with weights_only=True; a clear error for a missing or damaged file."
+    """A checkpoint, loaded with weights_only=True: tensors, numbers, strings and containers, plus numpy
+    scalars (nnU-Net v2's own checkpoints hold some); a one-line error for a missing, damaged or unsafe file."""
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with torch.serialization.safe_globals(numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r'GLOBAL (\S+) was not an allowed global', str(e))
+        if unsafe:
+            raise ValueError(f"{path}: refused, it holds a pickled {unsafe.group(1)} (only weights, numbers and "
+                             f"numpy scalars are loaded; an arbitrary pickle can run code)") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
     except Exception as e:
         first_line = str(e).splitlines()[0][:200] if str(e) else ''
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
@@ -645,3 +664,17 @@ def ranks_agree(module: torch.nn.Module) -> bool:
     gathered = [torch.zeros_like(summary) for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, summary)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+# %% ../nbs/08_training.ipynb #b15550f1
+@patch
+def load_final(self: Trainer) -> Trainer:
+    """Load this fold's finished run (checkpoint_final.pth) to predict with; nothing is trained (`trained_now`
+    is False) and the schedule is the checkpoint's."""
+    path = self.output_dir / 'checkpoint_final.pth'
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; train fold {self.fold} of {self.configuration} first")
+    checkpoint = load_checkpoint(path)
+    self.epochs = checkpoint.get('schedule', {}).get('epochs', checkpoint.get('current_epoch', self.epochs))
+    self.load_state(checkpoint, path)
+    self.trained_now = False
+    return self
