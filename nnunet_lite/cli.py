@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 from .data import (SYNTH_KINDS, DatasetError, check_dataset, held_out_cases,
                               make_synthetic_dataset, read_dataset_json, read_image, read_label, write_json)
+from .ensembling import (candidates_figure, candidates_table, ensemble_folders, export_model,
+                                     find_best_configuration, import_model, load_instructions, model_folders,
+                                     predict_with_instructions)
 from .evaluation import evaluate_folder, summary_table, validate_fold
 from .fingerprint import Fingerprint
 from .inference import Predictor
@@ -31,8 +34,11 @@ from .viz import show_case, show_slice
 # %% auto #0
 __all__ = ['DEFAULT_CONFIGURATIONS', 'DEMO_DATASET', 'DEMO_SCHEDULE', 'COMMANDS', 'stage', 'add_check_command', 'cmd_check',
            'add_synth_command', 'cmd_synth', 'add_plan_command', 'cmd_plan', 'add_preprocess_command', 'cmd_preprocess',
-           'add_train_command', 'cmd_train', 'add_predict_command', 'cmd_predict', 'add_evaluate_command',
-           'cmd_evaluate', 'add_postprocess_command', 'cmd_postprocess', 'prediction_figure', 'preprocessed_figure',
+           'add_train_command', 'cmd_train', 'train_fold', 'print_validation', 'add_validate_command', 'cmd_validate',
+           'add_predict_command', 'cmd_predict', 'predict_instructions', 'add_evaluate_command', 'cmd_evaluate',
+           'add_postprocess_command', 'cmd_postprocess', 'add_ensemble_command', 'cmd_ensemble',
+           'add_find_best_command', 'cmd_find_best', 'add_export_model_command', 'cmd_export_model',
+           'add_import_model_command', 'cmd_import_model', 'prediction_figure', 'preprocessed_figure',
            'add_demo_command', 'cmd_demo', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #a416484f
@@ -174,12 +180,12 @@ def _fold(value: str):
         raise argparse.ArgumentTypeError(f"fold must be a number or 'all', not {value!r}") from None
 
 def add_train_command(sub):
-    t = sub.add_parser('train', help='train one fold of a configuration (torchrun for several GPUs)')
+    t = sub.add_parser('train', help='train folds of a configuration (torchrun for several GPUs)')
     t.add_argument('preprocessed_dir', type=Path,
                    help='the folder nnlite preprocess wrote: plans.json, dataset.json, CONFIG/')
     t.add_argument('-c', '--configuration', default='3d_fullres', help='configuration (default 3d_fullres)')
-    t.add_argument(
-        '-f', '--fold', type=_fold, default=0, help="fold 0-4 of splits_final.json, or 'all' (default 0)")
+    t.add_argument('-f', '--fold', type=_fold, nargs='+', default=[0],
+                   help="fold 0-4 of splits_final.json, or 'all' (default 0); several are trained in turn")
     t.add_argument('-o', '--out', type=Path, default=None,
                    help='model folder: plans.json, dataset.json and fold_F/ go there '
                         '(default PREPROCESSED_DIR/results/CONFIG)')
@@ -200,6 +206,8 @@ def add_train_command(sub):
         '--resume', action='store_true', help='continue from the last checkpoint in the output folder')
     t.add_argument(
         '--no-validation', action='store_true', help="skip predicting the fold's validation cases at the end")
+    t.add_argument('--npz', action='store_true',
+                   help="keep each validation case's probabilities (CASE.npz), for find-best's ensembles")
     t.add_argument('--prev-stage-predictions', type=Path, default=None,
                    help="a cascade's second stage: the first stage's predictions of the training cases "
                         "(default: predicted_next_stage/CONFIG in the first stage's default model folder)")
@@ -209,39 +217,69 @@ def add_train_command(sub):
 def cmd_train(args) -> int:
     rank, world = init_distributed(args.device)
     try:
-        fold_dir = args.out / f'fold_{args.fold}' if args.out else None
-        trainer = Trainer(args.preprocessed_dir, args.configuration, args.fold, fold_dir, epochs=args.epochs,
-                          iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
-                          device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
-                          progress=not args.quiet, previous_predictions=args.prev_stage_predictions)
-        if rank == 0:
-            precision = (
-                str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32'
-            )
-            processes = f' x {world} processes' if world > 1 else ''
-            print(
-                f"training {args.configuration} fold {args.fold}: {len(trainer.train_cases)} training / "
-                f"{len(trainer.val_cases)} validation cases, {trainer.epochs} epochs x {trainer.iterations} "
-                f"iterations, on {trainer.device}{processes}, {precision} -> {trainer.output_dir}"
-            )
-        t0 = time.perf_counter()
-        trainer.fit(resume=args.resume)
-        if rank == 0 and trainer.log and (trainer.output_dir / 'checkpoint_final.pth').exists():
-            last = trainer.log[-1]
-            print(
-                f"done in {time.perf_counter() - t0:.1f} s: epoch {last['epoch']}, train loss"
-                f" {last['train_loss']:.4f}, pseudo Dice {last['mean_fg_dice']:.4f} (EMA"
-                f" {last['ema_fg_dice']:.4f}); {trainer.output_dir / 'checkpoint_final.pth'}"
-            )
-        summary = None if args.no_validation else validate_fold(trainer)
-        if summary:
-            print(
-                "validation cases predicted whole: mean foreground Dice"
-                f" {summary['foreground_mean']['Dice']:.4f}"
-                f" ({trainer.output_dir / 'validation' / 'summary.json'})"
-            )
+        for fold in args.fold: train_fold(args, fold, rank, world)
     finally:
         if world > 1: dist.destroy_process_group()
+    return 0
+
+def train_fold(args, fold, rank: int, world: int):
+    "One fold of `nnlite train`: fit (or resume), then validate."
+    fold_dir = args.out / f'fold_{fold}' if args.out else None
+    trainer = Trainer(args.preprocessed_dir, args.configuration, fold, fold_dir, epochs=args.epochs,
+                      iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
+                      device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
+                      progress=not args.quiet, previous_predictions=args.prev_stage_predictions)
+    if rank == 0:
+        precision = (
+            str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32')
+        processes = f' x {world} processes' if world > 1 else ''
+        print(
+            f"training {args.configuration} fold {fold}: {len(trainer.train_cases)} training / "
+            f"{len(trainer.val_cases)} validation cases, {trainer.epochs} epochs x {trainer.iterations} "
+            f"iterations, on {trainer.device}{processes}, {precision} -> {trainer.output_dir}"
+        )
+    t0 = time.perf_counter()
+    trainer.fit(resume=args.resume)
+    if rank == 0 and trainer.log and (trainer.output_dir / 'checkpoint_final.pth').exists():
+        last = trainer.log[-1]
+        print(
+            f"done in {time.perf_counter() - t0:.1f} s: epoch {last['epoch']}, train loss"
+            f" {last['train_loss']:.4f}, pseudo Dice {last['mean_fg_dice']:.4f} (EMA"
+            f" {last['ema_fg_dice']:.4f}); {trainer.output_dir / 'checkpoint_final.pth'}"
+        )
+    summary = None if args.no_validation else validate_fold(trainer, save_probabilities=args.npz)
+    if summary: print_validation(summary, trainer)
+
+def print_validation(summary: dict, trainer):
+    print(f"validation cases predicted whole: mean foreground Dice {summary['foreground_mean']['Dice']:.4f}"
+          f" ({trainer.output_dir / 'validation' / 'summary.json'})")
+
+def add_validate_command(sub):
+    v = sub.add_parser('validate', help="predict a trained fold's validation cases again and evaluate them "
+                                        "(--npz: keep their probabilities for ensembles)")
+    v.add_argument('preprocessed_dir', type=Path, help='the folder the fold was trained on')
+    v.add_argument('-c', '--configuration', default='3d_fullres', help='configuration (default 3d_fullres)')
+    v.add_argument('-f', '--fold', type=_fold, nargs='+', default=[0], help='folds (default 0)')
+    v.add_argument('-o', '--out', type=Path, default=None,
+                   help='model folder (default PREPROCESSED_DIR/results/CONFIG)')
+    v.add_argument('--npz', action='store_true', help="keep each case's probabilities (CASE.npz)")
+    v.add_argument('--prev-stage-predictions', type=Path, default=None,
+                   help="a cascade's second stage: the first stage's predictions (as for train)")
+    v.add_argument('--device', default=None, help='cuda, cpu, ... (default: cuda if there is one)')
+    v.add_argument('--no-amp', action='store_true', help='predict in float32')
+    v.add_argument('-q', '--quiet', action='store_true')
+    v.set_defaults(func=cmd_validate)
+
+def cmd_validate(args) -> int:
+    for fold in args.fold:
+        trainer = Trainer(args.preprocessed_dir, args.configuration, fold,
+                          args.out / f'fold_{fold}' if args.out else None, device=args.device,
+                          amp=not args.no_amp, progress=not args.quiet,
+                          previous_predictions=args.prev_stage_predictions).load_final()
+        summary = validate_fold(trainer, redo=True, save_probabilities=args.npz)
+        if summary: print_validation(summary, trainer)
+        else: print(f"{args.configuration} fold {fold}: validation cases predicted into "
+                    f"{trainer.output_dir / 'validation'}")
     return 0
 
 # %% ../nbs/15_cli.ipynb #2cdc07b4
@@ -250,8 +288,10 @@ def add_predict_command(sub):
     pr.add_argument('-i', '--input', type=Path, required=True,
                     help='folder of images (CASE_0000.nii.gz, ...) or one image file')
     pr.add_argument('-o', '--output', type=Path, required=True, help='output folder (or file, for one image)')
-    pr.add_argument(
-        '-m', '--model', type=Path, required=True, help='model folder: plans.json, dataset.json, fold_*/')
+    pr.add_argument('-m', '--model', type=Path, required=True,
+                    help="model folder (plans.json, dataset.json, fold_*/; nnlite's or nnU-Net v2's), or "
+                         "the inference_instructions.json of nnlite find-best (models, ensemble, "
+                         "post-processing)")
     pr.add_argument('-f', '--folds', type=_fold, nargs='+', default=None,
                     help='folds to ensemble (default: every trained fold)')
     pr.add_argument('--checkpoint', default='checkpoint_final.pth',
@@ -279,6 +319,7 @@ def add_predict_command(sub):
     pr.set_defaults(func=cmd_predict)
 
 def cmd_predict(args) -> int:
+    if args.model.suffix == '.json': return predict_instructions(args)
     predictor = Predictor(args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
                           step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
                           fold_merge=args.fold_merge, amp=not args.no_amp, progress=not args.quiet,
@@ -295,6 +336,24 @@ def cmd_predict(args) -> int:
         written = [predictor.predict_file(args.input, out, args.save_probabilities)]
     else:
         written = predictor.predict_folder(args.input, args.output, args.save_probabilities, args.overwrite)
+    print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
+    return 0
+
+def predict_instructions(args) -> int:
+    "`nnlite predict -m inference_instructions.json`: the chosen model or ensemble, then its post-processing."
+    if args.folds is not None:
+        raise ValueError(f"{args.model}: the instructions name the folds; leave out -f")
+    if args.prev_stage or args.prev_stage_predictions:
+        raise ValueError(f"{args.model}: a cascade in the instructions finds its first stage beside it")
+    if not Path(args.input).is_dir(): raise ValueError(f"{args.input}: give a folder of images")
+    best = load_instructions(args.model)['best_model_or_ensemble']
+    print(f"{args.model}: {best['name']} (cross-validation Dice {best['result_on_crossval_post_pp']:.4f} "
+          f"post-processed)")
+    t0 = time.perf_counter()
+    written = predict_with_instructions(
+        args.model, args.input, args.output, args.overwrite, not args.quiet, checkpoint=args.checkpoint,
+        device=args.device, step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
+        fold_merge=args.fold_merge, amp=not args.no_amp)
     print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
     return 0
 
@@ -354,6 +413,81 @@ def cmd_postprocess(args) -> int:
         done = postprocess_folder(args.input, args.output, args.rules, args.file_ending, workers=args.workers,
                                   progress=not args.quiet)
         print(f"{len(done)} file(s) post-processed -> {args.output}")
+    return 0
+
+# %% ../nbs/15_cli.ipynb #09ef7c9b
+def add_ensemble_command(sub):
+    e = sub.add_parser('ensemble', help='average the probabilities (CASE.npz) of prediction folders')
+    e.add_argument('-i', '--input', type=Path, nargs='+', required=True,
+                   help='prediction folders with CASE.npz (predict --save-probabilities) and dataset.json')
+    e.add_argument('-o', '--output', type=Path, required=True, help='output folder')
+    e.add_argument('--save-probabilities', action='store_true', help="also write the ensemble's CASE.npz")
+    e.add_argument('-np', '--workers', type=int, default=2, help='threads (default 2)')
+    e.add_argument('-q', '--quiet', action='store_true')
+    e.set_defaults(func=cmd_ensemble)
+
+def cmd_ensemble(args) -> int:
+    written = ensemble_folders(args.input, args.output, args.save_probabilities, args.workers, not args.quiet)
+    print(f"{len(written)} case(s) ensembled from {len(args.input)} folders -> {args.output}")
+    return 0
+
+def add_find_best_command(sub):
+    fb = sub.add_parser('find-best', help='choose the best configuration (or pair, ensembled) by '
+                                          'cross-validation Dice, and its post-processing')
+    fb.add_argument('models', type=Path, nargs='+',
+                    help='model folders, or a folder holding them (PREPROCESSED_DIR/results)')
+    fb.add_argument('--gt', type=Path, default=None,
+                    help="reference labels (default: gt_segmentations/ of the preprocessed folder above)")
+    fb.add_argument(
+        '-f', '--folds', type=_fold, nargs='+', default=[0, 1, 2, 3, 4], help='folds (default 0-4)')
+    fb.add_argument('--no-ensembling', action='store_true', help='single configurations only')
+    fb.add_argument('-o', '--out', type=Path, default=None,
+                    help='folder for inference_instructions.json and ensembles/ (default: the one '
+                         'holding the first model folder)')
+    fb.add_argument('-np', '--workers', type=int, default=2, help='threads (default 2)')
+    fb.add_argument('-q', '--quiet', action='store_true')
+    fb.set_defaults(func=cmd_find_best)
+
+def cmd_find_best(args) -> int:
+    out = Path(args.out) if args.out else model_folders(args.models)[0].parent
+    find_best_configuration(args.models, args.gt, out, args.folds, not args.no_ensembling, args.workers,
+                            not args.quiet)
+    instructions = out / 'inference_instructions.json'
+    print(candidates_table(instructions).round(4).to_string())
+    fig = candidates_figure(instructions)
+    fig.savefig(out / 'candidates.png', dpi=90)
+    print(f"\n{(out / 'inference_instructions.txt').read_text()}\nwrote {instructions}, "
+          f"{out / 'inference_instructions.txt'} and {out / 'candidates.png'}")
+    return 0
+
+def add_export_model_command(sub):
+    ex = sub.add_parser('export-model', help='zip trained model folders to share them (as nnU-Net v2 does)')
+    ex.add_argument('models', type=Path, nargs='+', help='model folders, or a folder holding them')
+    ex.add_argument('-o', '--output', type=Path, required=True, help='the zip file')
+    ex.add_argument('--checkpoints', nargs='+', default=['checkpoint_final.pth'],
+                    help='checkpoints of each fold to include (default checkpoint_final.pth)')
+    ex.set_defaults(func=cmd_export_model)
+
+def cmd_export_model(args) -> int:
+    models = []
+    for path in args.models:
+        inside = sorted(p for p in Path(path).glob('*') if (p / 'plans.json').is_file())
+        models += [Path(path)] if (Path(path) / 'plans.json').is_file() else inside
+        if not (Path(path) / 'plans.json').is_file() and not inside:
+            raise FileNotFoundError(f"{path}: no model folder (plans.json, fold_*/) in it")
+    out = export_model(models, args.output, tuple(args.checkpoints))
+    print(f"{', '.join(m.name for m in models)} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+def add_import_model_command(sub):
+    im = sub.add_parser('import-model', help='unpack a model zip (nnlite export-model, or nnU-Net v2\'s)')
+    im.add_argument('zip_file', type=Path)
+    im.add_argument('-o', '--out', type=Path, required=True, help='results folder to unpack into')
+    im.add_argument('--overwrite', action='store_true', help='replace files that exist')
+    im.set_defaults(func=cmd_import_model)
+
+def cmd_import_model(args) -> int:
+    for model in import_model(args.zip_file, args.out, args.overwrite): print(f"model folder {model}")
     return 0
 
 # %% ../nbs/15_cli.ipynb #7fe8bcbc
@@ -483,7 +617,9 @@ def cmd_demo(args) -> int:
 
 # %% ../nbs/15_cli.ipynb #80903aed
 COMMANDS = (add_check_command, add_synth_command, add_plan_command, add_preprocess_command, add_train_command,
-            add_predict_command, add_evaluate_command, add_postprocess_command, add_demo_command)
+            add_validate_command, add_predict_command, add_evaluate_command, add_postprocess_command,
+            add_ensemble_command, add_find_best_command, add_export_model_command, add_import_model_command,
+            add_demo_command)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `nnlite` parser: each command's arguments are added by its `add_..._command` above."
@@ -498,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, ValueError, FileNotFoundError, FileExistsError) as e:
         lines = str(e).splitlines() or [type(e).__name__]
         print(f"nnlite: error: {lines[0]}", file=sys.stderr)
         for line in lines[1:]: print(line, file=sys.stderr)

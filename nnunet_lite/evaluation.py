@@ -162,9 +162,9 @@ def summary_table(summary: dict, metric: str = 'Dice') -> pd.DataFrame:
 # %% ../nbs/10_evaluation.ipynb #914f2e62
 def validate_fold(trainer, redo: bool = False, save_probabilities: bool = False) -> dict | None:
     """Predict the validation cases of a fitted trainer's fold and evaluate them into the fold's
-    `validation/summary.json` (with `save_probabilities` also each case's CASE.npz, for ensembles). Skipped (the
-    summary is read back) when `fit` trained nothing now and the summary is newer than checkpoint_final, unless
-    `redo` or probabilities are asked for and missing. None on ranks other than 0, without validation
+    `validation/summary.json` (with `save_probabilities` also each case's CASE.npz, for ensembles). Skipped
+    (the summary is read back) when `fit` trained nothing now and the summary is newer than checkpoint_final,
+    unless `redo` or probabilities are asked for and missing. None on ranks other than 0, without validation
     cases, or without `gt_segmentations/` beside the plans."""
     from nnunet_lite.inference import predict_validation_cases   # here: evaluating a folder needs no torch
     if trainer.trained_now is None:

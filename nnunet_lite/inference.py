@@ -167,6 +167,11 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
         if configuration not in (None, name):
             raise ValueError(f"{model_dir}: folds of different configurations ({configuration}, {name})")
         configuration, mirror_axes = name, tuple(ckpt.get('inference_allowed_mirroring_axes') or ())
+        architecture = configuration_of(plans, name)['architecture']
+        network_class = architecture.get('network_class_name', 'PlainConvUNet')
+        if not network_class.endswith('.PlainConvUNet') and network_class != 'PlainConvUNet':
+            raise ValueError(f"{model_dir / 'plans.json'}: {name} is a {network_class}; nnunet_lite builds "
+                             f"PlainConvUNet (nnU-Net's default U-Net) only")
         net = build_network(plans, name, dataset_json, deep_supervision=False, initialise=False)
         networks.append(load_reference_weights(net, ckpt['network_weights']).to(device).eval())
     return {'networks': networks, 'folds': folds, 'plans': plans, 'dataset_json': dataset_json,
@@ -186,8 +191,9 @@ def probabilities_file(label_file) -> Path:
     return label_file.with_name(label_file.name.removesuffix(file_ending_of(label_file)) + '.npz')
 
 def write_prediction(label, geometry: Geometry, out_file, probabilities=None) -> Path:
-    """Write a predicted label map and, when given, its probabilities (K, z, y, x) on the same grid to CASE.npz
-    (key 'probabilities' as nnU-Net's, float16 to halve the disk; first, so a label file means a whole case)."""
+    """Write a predicted label map and, when given, its probabilities (K, z, y, x) on the same grid to
+    CASE.npz (key 'probabilities' as nnU-Net's, float16 to halve the disk; written first, so that a label
+    file means a whole case)."""
     out_file = Path(out_file)
     if probabilities is not None:
         probabilities = np.asarray(probabilities).astype(np.float16)
@@ -343,8 +349,9 @@ def predict_validation_cases(trainer, out_dir=None, step: float = 0.5,
                              save_probabilities: bool = False) -> list[Path]:
     """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from
     the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its
-    original grid (with `save_probabilities` also CASE.npz, what ensembles average). Rank 0 only. The first stage of a cascade also writes each case's prediction on
-    the next stage's grid to `predicted_next_stage/<next stage>/CASE.npy` in its model folder."""
+    original grid (with `save_probabilities` also CASE.npz, what ensembles average). Rank 0 only.
+    The first stage of a cascade also writes each case's prediction on the next stage's grid to
+    `predicted_next_stage/<next stage>/CASE.npy` in its model folder."""
     if trainer.rank != 0: return []
     out = Path(out_dir) if out_dir else trainer.output_dir / 'validation'
     ending, network = trainer.dataset_json['file_ending'], trainer.network

@@ -254,7 +254,8 @@ def numpy_scalar_globals() -> list:
 
 def load_checkpoint(path, map_location='cpu') -> dict:
     """A checkpoint, loaded with weights_only=True: tensors, numbers, strings and containers, plus numpy
-    scalars (nnU-Net v2's own checkpoints hold some); a one-line error for a missing, damaged or unsafe file."""
+    scalars (nnU-Net v2's own checkpoints hold some); a one-line error for a missing, damaged or unsafe
+    file."""
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
@@ -263,8 +264,8 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     except pickle.UnpicklingError as e:
         unsafe = re.search(r'GLOBAL (\S+) was not an allowed global', str(e))
         if unsafe:
-            raise ValueError(f"{path}: refused, it holds a pickled {unsafe.group(1)} (only weights, numbers and "
-                             f"numpy scalars are loaded; an arbitrary pickle can run code)") from None
+            raise ValueError(f"{path}: refused, it holds a pickled {unsafe.group(1)} (only weights, numbers "
+                             f"and numpy scalars are loaded; an arbitrary pickle can run code)") from None
         raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
     except Exception as e:
         first_line = str(e).splitlines()[0][:200] if str(e) else ''
@@ -672,7 +673,8 @@ def load_final(self: Trainer) -> Trainer:
     is False) and the schedule is the checkpoint's."""
     path = self.output_dir / 'checkpoint_final.pth'
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; train fold {self.fold} of {self.configuration} first")
+        raise FileNotFoundError(
+            f"{path}: no such checkpoint; train fold {self.fold} of {self.configuration} first")
     checkpoint = load_checkpoint(path)
     self.epochs = checkpoint.get('schedule', {}).get('epochs', checkpoint.get('current_epoch', self.epochs))
     self.load_state(checkpoint, path)

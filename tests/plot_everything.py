@@ -193,6 +193,23 @@ def _patched(owner, name, value):
     finally: setattr(owner, name, old)
 
 
+@draws('ensembling.candidates_figure')
+def _candidates_figure(c, save):
+    results = c.tmp / 'results'
+    dice = {'2d': 0.71, '3d_fullres': 0.78, 'ensemble___2d___3d_fullres___0_1_2_3_4': 0.79}
+    sources = {}
+    for name, d in dice.items():
+        source = results / (f'ensembles/{name}' if name.startswith('ensemble') else f'{name}/crossval_results_folds_0_1_2_3_4')
+        summary = {'foreground_mean': {'Dice': d}, 'mean': {'1': {'Dice': d - .05}, '2': {'Dice': d + .05}},
+                   'metric_per_case': []}
+        c.data.write_json(source / 'summary.json', summary)
+        sources[name] = str(source.relative_to(results))
+    best = {'name': 'ensemble___2d___3d_fullres___0_1_2_3_4', 'result_on_crossval_post_pp': 0.8}
+    c.data.write_json(results / 'inference_instructions.json', {
+        'folds': [0, 1, 2, 3, 4], 'all_results': dice, 'crossval_predictions': sources, 'best_model_or_ensemble': best})
+    save(c.ensembling.candidates_figure(results / 'inference_instructions.json'))
+
+
 def synthetic(modules: dict, tmp: Path) -> SimpleNamespace:
     "The modules, pyplot, and a tiny CT dataset with its fingerprint, plans and network."
     import matplotlib.pyplot as plt
