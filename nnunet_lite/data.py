@@ -20,15 +20,16 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'REQUIRED_DATASET_KEYS', 'SYNTH_KINDS', 'LABEL_NAMES', 'DatasetError',
-           'Problem', 'file_ending_of', 'Geometry', 'read_file', 'temporary_path', 'atomic_write', 'atomic_write_text',
-           'write_json', 'read_json', 'remove_stale_temporaries', 'write_file', 'read_image', 'read_label',
-           'write_label', 'write_image', 'dataset_json_problems', 'label_values', 'foreground_labels',
-           'foreground_regions', 'label_key', 'label_from_key', 'read_dataset_json', 'write_dataset_json',
-           'list_image_files', 'training_cases', 'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid',
-           'smooth_field', 'random_rotation', 'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label',
-           'synthetic_intensities', 'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite',
-           'case_problems', 'check_dataset', 'verify_dataset']
+__all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'REQUIRED_DATASET_KEYS', 'MULTICHANNEL_ENDINGS', 'SYNTH_KINDS',
+           'LABEL_NAMES', 'DatasetError', 'Problem', 'file_ending_of', 'Geometry', 'nifti_header', 'nifti_data_problem',
+           'read_file', 'temporary_path', 'atomic_write', 'atomic_write_text', 'write_json', 'read_json',
+           'remove_stale_temporaries', 'write_file', 'read_image', 'read_label', 'write_label', 'write_image',
+           'dataset_json_problems', 'label_values', 'foreground_labels', 'foreground_regions', 'label_key',
+           'label_from_key', 'read_dataset_json', 'write_dataset_json', 'list_image_files', 'training_cases',
+           'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid', 'smooth_field', 'random_rotation',
+           'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label', 'synthetic_intensities',
+           'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite', 'case_problems',
+           'check_dataset', 'verify_dataset']
 
 # %% ../nbs/00_data.ipynb #6f49541c
 class DatasetError(ValueError):
@@ -81,6 +82,63 @@ class Geometry:
                 if len(getattr(self, name)) != len(getattr(other, name))
                 or not np.allclose(getattr(self, name), getattr(other, name), rtol=rtol, atol=atol)]
 
+# %% ../nbs/00_data.ipynb #33a066b2
+import gzip
+import struct
+import zlib
+
+def nifti_header(head: bytes) -> dict | None:
+    "Byte order, dims, datatype, bitpix and vox_offset of a NIfTI-1/2 header (its first 540 bytes), or None."
+    for order in '<>':
+        if len(head) >= 4 and struct.unpack(order + 'i', head[:4])[0] in (348, 540): break
+    else:
+        return None
+    if struct.unpack(order + 'i', head[:4])[0] == 348 and len(head) >= 348:
+        dims = struct.unpack(order + '8h', head[40:56])
+        datatype, bitpix = struct.unpack(order + '2h', head[70:74])
+        offset = int(struct.unpack(order + 'f', head[108:112])[0])
+    elif len(head) >= 540:
+        datatype, bitpix = struct.unpack(order + '2h', head[12:16])
+        dims = struct.unpack(order + '8q', head[16:80])
+        offset = struct.unpack(order + 'q', head[168:176])[0]
+    else:
+        return None
+    n = int(np.prod(dims[1:dims[0] + 1])) if 1 <= dims[0] <= 7 else 0
+    return {'order': order, 'dims': dims, 'datatype': datatype, 'bitpix': bitpix, 'offset': offset,
+            'size': offset + n * bitpix // 8}
+
+def _gunzipped_size(path, limit: int) -> int:
+    "How many bytes a .gz file decompresses to (stops counting at `limit`); EOFError if its stream is cut."
+    n = 0
+    with gzip.open(path, 'rb') as f:
+        while n < limit and (chunk := f.read(1 << 24)): n += len(chunk)
+    return n
+
+def nifti_data_problem(path) -> str | None:
+    "Why a .nii/.nii.gz file cannot hold the voxels its header announces (truncated, corrupt); else None."
+    path, gz = Path(path), str(path).endswith('.gz')
+    try:
+        with (gzip.open if gz else open)(path, 'rb') as f: head = f.read(540)
+        header = nifti_header(head)
+        sizes = {struct.unpack(o + 'i', head[:4])[0] for o in '<>'} & {348, 540} if len(head) >= 4 else set()
+        if header is None and sizes and len(head) < min(sizes):
+            return f"truncated: {len(head)} bytes, less than its header"
+        if header is None: return None          # not NIfTI: SimpleITK decides
+        expected = header['size']
+        if not gz:
+            have = path.stat().st_size
+        else:
+            with open(path, 'rb') as f:
+                f.seek(-4, os.SEEK_END); recorded = struct.unpack('<I', f.read(4))[0]
+            if recorded == expected % 2 ** 32: return None
+            have = _gunzipped_size(path, expected)
+    except gzip.BadGzipFile: return None        # not gzip at all: SimpleITK decides
+    except EOFError: return "truncated: its compressed data ends early"
+    except (zlib.error, struct.error) as e: return f"corrupt ({type(e).__name__}: {str(e)[:80]})"
+    if have < expected:
+        return f"truncated: {have} of the {expected} bytes its header announces"
+    return None
+
 # %% ../nbs/00_data.ipynb #5d622432
 # z spacing factor for 2D images (times the largest in-plane spacing), as nnU-Net v2
 NOMINAL_2D_SPACING = 999.0
@@ -88,6 +146,8 @@ NOMINAL_2D_SPACING = 999.0
 def _read_itk(path) -> tuple[sitk.Image, np.ndarray]:
     path = Path(path)
     if not path.is_file(): raise DatasetError(f"{path}: file not found")
+    if file_ending_of(path) in ('.nii', '.nii.gz') and (problem := nifti_data_problem(path)):
+        raise DatasetError(f"{path}: cannot be read as an image ({problem})")
     try: img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         detail = next((l.strip() for l in str(e).splitlines() if 'ERROR' in l or 'rror' in l), str(e).strip())
@@ -332,9 +392,24 @@ def list_image_files(folder, file_ending: str) -> tuple[dict[str, dict[int, Path
         else: strays.append(p)
     return cases, strays
 
-def training_cases(dataset_dir, dataset_json: dict | None = None) -> dict[str, dict]:
-    """Every training case: {case_id: {'images': [paths], 'label': path}}
-    from the folders (or dataset.json's 'dataset')."""
+# endings whose one file may hold several channels (RGB): no file per channel is required
+MULTICHANNEL_ENDINGS = ('.png', '.bmp', '.tif', '.tiff')
+
+def _listing_problem(folder: Path, case: str, files: dict, n_channels: int, file_ending: str,
+                     label_file: Path | None) -> str | None:
+    "The first problem of a case's files in the folders: a missing channel file, or image without label."
+    several_per_file = file_ending in MULTICHANNEL_ENDINGS
+    wanted = range(max(files) + 1 if several_per_file else max(n_channels, max(files) + 1))
+    if missing := [c for c in wanted if c not in files]:
+        return (f"{folder / f'{case}_{missing[0]:04d}{file_ending}'}: missing, case {case} has channel files "
+                f"{sorted(files)} and dataset.json channel_names lists {n_channels}")
+    if label_file is not None and not label_file.is_file():
+        return f"{label_file}: missing, the label of {folder / f'{case}_0000{file_ending}'}"
+
+def training_cases(dataset_dir, dataset_json: dict | None = None, strict: bool = True) -> dict[str, dict]:
+    """Every training case: {case_id: {'images': [paths], 'label': path}} from the folders (or dataset.json's
+    'dataset'). `strict`: a missing channel file, an image without label or a label without image is a
+    one-line error naming the file (not a case quietly left out)."""
     dataset_dir = Path(dataset_dir)
     d = dataset_json or read_dataset_json(dataset_dir)
     if 'dataset' in d:
@@ -345,12 +420,21 @@ def training_cases(dataset_dir, dataset_json: dict | None = None) -> dict[str, d
         )
         return {k: {'images': [resolve(p) for p in v['images']], 'label': resolve(v['label'])}
                 for k, v in sorted(d['dataset'].items())}
-    images, _ = list_image_files(dataset_dir / 'imagesTr', d['file_ending'])
-    return {
-        case: {'images': [files[c] for c in sorted(files)],
-               'label': dataset_dir / 'labelsTr' / f"{case}{d['file_ending']}"}
-        for case, files in sorted(images.items())
-    }
+    ending = d['file_ending']
+    images, _ = list_image_files(dataset_dir / 'imagesTr', ending)
+    labels_dir = dataset_dir / 'labelsTr'
+    cases = {case: {'images': [files[c] for c in sorted(files)], 'label': labels_dir / f"{case}{ending}"}
+             for case, files in sorted(images.items())}
+    if strict:
+        for case, files in sorted(images.items()):
+            problem = _listing_problem(dataset_dir / 'imagesTr', case, files, len(d['channel_names']), ending,
+                                       cases[case]['label'])
+            if problem: raise DatasetError(problem)
+        labels = sorted(p for p in (dataset_dir / 'labelsTr').glob(f'*{ending}') if p.name[0] != '.')
+        if orphan := next((p for p in labels if p.name.removesuffix(ending) not in cases), None):
+            image = dataset_dir / 'imagesTr' / f"{orphan.name.removesuffix(ending)}_0000{ending}"
+            raise DatasetError(f"{orphan}: label without image (no {image})")
+    return cases
 
 def held_out_cases(dataset_dir, dataset_json: dict | None = None) -> dict[str, list[Path]]:
     "The cases held out from training, in `imagesTs`: {case_id: [channel paths]} (empty without imagesTs)."
@@ -579,9 +663,6 @@ def make_synthetic_dataset(out_dir, kind: str = 'ct', workers: int = 2, progress
     return out
 
 # %% ../nbs/00_data.ipynb #9cf8ae7b
-import gzip
-import struct
-
 _NIFTI_FLOATS = {16: 'f4', 64: 'f8'}
 
 def nifti_nonfinite(path) -> tuple[int, int] | None:
@@ -589,25 +670,11 @@ def nifti_nonfinite(path) -> tuple[int, int] | None:
     NIfTI-1/2 file; None for other files and integer data."""
     if file_ending_of(path) not in ('.nii', '.nii.gz'): return None
     with (gzip.open if str(path).endswith('.gz') else open)(path, 'rb') as f:
-        head = f.read(540)
-        for order in '<>':
-            size = struct.unpack(order + 'i', head[:4])[0]
-            if size in (348, 540): break
-        else:
-            return None
-        if size == 348:
-            dims = struct.unpack(order + '8h', head[40:56])
-            datatype = struct.unpack(order + 'h', head[70:72])[0]
-            offset = int(struct.unpack(order + 'f', head[108:112])[0])
-        else:
-            datatype = struct.unpack(order + 'h', head[12:14])[0]
-            dims = struct.unpack(order + '8q', head[16:80])
-            offset = struct.unpack(order + 'q', head[168:176])[0]
-        if datatype not in _NIFTI_FLOATS: return None
-        n = int(np.prod(dims[1:dims[0] + 1]))
-        f.seek(offset)
-        data = np.frombuffer(
-            f.read(n * int(_NIFTI_FLOATS[datatype][1])), dtype=order + _NIFTI_FLOATS[datatype])
+        header = nifti_header(f.read(540))
+        if header is None or header['datatype'] not in _NIFTI_FLOATS: return None
+        dtype = np.dtype(header['order'] + _NIFTI_FLOATS[header['datatype']])
+        f.seek(header['offset'])
+        data = np.frombuffer(f.read(header['size'] - header['offset']), dtype=dtype)
     return int(np.isnan(data).sum()), int(np.isinf(data).sum())
 
 def count_nonfinite(path, array: np.ndarray) -> tuple[int, int]:

@@ -5,6 +5,9 @@
 # %% ../nbs/02_fingerprint.ipynb #5105eef4
 from __future__ import annotations
 
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -22,7 +25,7 @@ from .data import (DatasetError, read_dataset_json, read_image, read_json, read_
 # %% auto #0
 __all__ = ['FOREGROUND_SAMPLES', 'SAMPLING_SEED', 'AXES', 'nonzero_mask', 'bounding_box', 'box_slices', 'crop_to_nonzero',
            'sample_counts', 'weighted_percentiles', 'intensity_statistics', 'CaseSummary', 'analyze_case',
-           'parallel_map', 'Fingerprint', 'extract_fingerprint', 'plot_fingerprint']
+           'die_with_parent', 'parallel_map', 'Fingerprint', 'extract_fingerprint', 'plot_fingerprint']
 
 # %% ../nbs/02_fingerprint.ipynb #7a030185
 def nonzero_mask(image: np.ndarray) -> np.ndarray:
@@ -132,15 +135,24 @@ def analyze_case(case_id: str, image_files, label_file, n_samples: int,
                        list(cropped.shape[1:]), box, values, counts)
 
 # %% ../nbs/02_fingerprint.ipynb #60c045c4
+def die_with_parent(parent_pid: int, every_s: float = 0.5):
+    """A worker process's initializer: a thread that ends the worker as soon as its parent is gone (even
+    killed with SIGKILL, when no cleanup runs), so that no orphan goes on reading and writing."""
+    def watch():
+        while os.getppid() == parent_pid: time.sleep(every_s)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name='die_with_parent').start()
+
 def parallel_map(fn, jobs: list[tuple], workers: int = 1, desc: str = '', progress: bool = True) -> list:
     """`[fn(*job) for job in jobs]`, in `workers` processes when
-    workers > 1, with a progress bar; results in order."""
+    workers > 1 (each ends when this process does), with a progress bar; results in order."""
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
         results = []
         for job in jobs: results.append(fn(*job)); bar.update()
     else:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context('spawn')) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context('spawn'),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(fn, *job) for job in jobs]
             try:
                 for f in as_completed(futures):

@@ -11,24 +11,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augmentation import previous_stage_onehot
-from .data import (DatasetError, Geometry, atomic_write, file_ending_of, foreground_labels,
-                              foreground_regions, list_image_files, read_json, read_label, write_json,
-                              write_label)
+from .data import (NOMINAL_2D_SPACING, DatasetError, Geometry, atomic_write, file_ending_of,
+                              foreground_labels, foreground_regions, list_image_files, read_json, read_label,
+                              write_json, write_label)
 from .dataloading import load_previous_stage
 from .network import build_network, load_reference_weights, n_outputs
-from .preprocessing import (configuration_of, load_preprocessed_case, next_stage_segmentation,
-                                       preprocess_arrays, read_case, revert)
+from .preprocessing import (configuration_of, load_preprocessed_case, new_shape_for,
+                                       next_stage_segmentation, preprocess_arrays, read_case, revert,
+                                       target_spacing_for)
 from .training import amp_dtype, autocast, default_device, load_checkpoint, next_stage_folder
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices', 'mirror_combinations',
            'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
-           'write_prediction', 'Predictor', 'predict_validation_cases']
+           'write_prediction', 'image_size', 'prediction_memory', 'available_memory', 'check_memory', 'Predictor',
+           'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
 def sliding_window_steps(image_size, patch_size, step: float = 0.5) -> list[list[int]]:
@@ -202,6 +205,48 @@ def write_prediction(label, geometry: Geometry, out_file, probabilities=None) ->
                                                      spacing=np.asarray(geometry.spacing)))
     return write_label(label, geometry, out_file)
 
+def image_size(path) -> tuple[list[int], list[float]]:
+    "(shape (z, y, x), spacing) of an image file from its header, without reading its voxels."
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try: reader.ReadImageInformation()
+    except RuntimeError: raise DatasetError(f"{path}: cannot be read as an image") from None
+    shape, spacing = list(reversed(reader.GetSize())), list(reversed(reader.GetSpacing()))
+    if len(shape) == 2: return [1] + shape, [NOMINAL_2D_SPACING * max(spacing)] + spacing
+    return shape, spacing
+
+def prediction_memory(shape, spacing, plans: dict, configuration: str, n_channels: int, n_outputs: int,
+                      device) -> dict:
+    """Bytes predicting a case of `shape` at `spacing` takes, roughly, in RAM and on a CUDA device: the image
+    and its resampled copy, the logits and their sums on the network's grid, the logits and probabilities
+    resampled back to the image's grid (on the device where prediction runs) and the label map."""
+    order = plans['transpose_forward']
+    t_shape, t_spacing = [shape[a] for a in order], [spacing[a] for a in order]
+    target = target_spacing_for(configuration_of(plans, configuration), t_spacing)
+    n, n_net = math.prod(shape), math.prod(new_shape_for(t_shape, t_spacing, target))
+    images, back = 4 * n_channels * (n + n_net), 8 * n_outputs * n
+    if torch.device(device).type == 'cuda':
+        return {'ram': images + n, 'device': 4 * n_channels * n_net + 2 * (n_outputs + 1) * n_net + back}
+    return {'ram': images + 4 * (n_outputs + 1) * n_net + back + n, 'device': 0}
+
+def available_memory(device) -> dict:
+    "Free bytes in RAM (MemAvailable, Linux) and on a CUDA device; None where it cannot be known."
+    ram = None
+    try:
+        with open('/proc/meminfo') as f:
+            ram = next((int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:')), None)
+    except OSError: pass
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == 'cuda' else None
+    return {'ram': ram, 'device': free}
+
+def check_memory(path, need: dict, free: dict):
+    "A one-line error naming the image when predicting it needs more memory than is free."
+    for where, what in (('ram', 'RAM'), ('device', 'GPU memory')):
+        if free[where] is not None and need[where] > free[where]:
+            raise DatasetError(f"{path}: predicting it needs about {need[where] / 1e9:.1f} GB of {what}, "
+                               f"{free[where] / 1e9:.1f} GB are free")
+
 class Predictor:
     """Predict images with the folds of a trained model folder. The second stage of a cascade needs the first
     stage's segmentation of each image: from its model folder `previous_stage` (default: the sibling model
@@ -295,7 +340,13 @@ class Predictor:
         return revert(logits, properties, self.config, return_probabilities, regions_class_order=order)
 
     def _read_preprocessed(self, image_files) -> tuple[np.ndarray, dict, Geometry]:
-        "(preprocessed image, its properties, the input's geometry) of a case's channel files."
+        """(preprocessed image, its properties, the input's geometry) of a case's channel files, once its
+        memory was estimated from the header and found to fit."""
+        files = [image_files] if isinstance(image_files, (str, Path)) else list(image_files)
+        shape, spacing = image_size(files[0])
+        need = prediction_memory(shape, spacing, self.plans, self.configuration, len(files), self.n_outputs,
+                                 self.device)
+        check_memory(files[0], need, available_memory(self.device))
         image, _, geometry = read_case(image_files)
         first = Path(image_files if isinstance(image_files, (str, Path)) else image_files[0]).name
         case_id = first.removesuffix(file_ending_of(first))[:-5]   # CASE_0000.nii.gz -> CASE
@@ -316,6 +367,8 @@ class Predictor:
         """Predict every case of `in_dir` (CASE_0000.nii.gz, ...)
         into `out_dir/CASE.nii.gz`, a case ahead in a thread."""
         in_dir, out_dir = Path(in_dir), Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{out_dir}: is a file; the predictions of a folder go to a folder")
         ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
         cases, strays = list_image_files(in_dir, ending)
         if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")

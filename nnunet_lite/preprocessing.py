@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data import (DatasetError, Geometry, _grid_problem, atomic_write, foreground_regions,
-                              label_from_key, label_key, read_dataset_json, read_image, read_json, read_label,
-                              remove_stale_temporaries, training_cases, write_json)
+from .data import (DatasetError, Geometry, _grid_problem, atomic_write, count_nonfinite,
+                              foreground_regions, label_from_key, label_key, label_values, read_dataset_json,
+                              read_image, read_json, read_label, remove_stale_temporaries, training_cases,
+                              write_json)
 from .fingerprint import crop_to_nonzero, parallel_map
 from .plans import load_plans
 
@@ -30,8 +31,9 @@ __all__ = ['NORMALIZERS', 'ANISOTROPY_THRESHOLD', 'MAX_LOCATIONS_PER_CLASS', 'MI
            'rgb_to_0_1', 'no_normalization', 'normalize', 'new_shape_for', 'coarse_axis', 'separate_z_axis',
            'resample_image_scipy', 'interpolation_matrix', 'along_axis', 'resample_image', 'resample_label',
            'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of', 'preprocessed_folder_name',
-           'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays', 'read_case', 'preprocess_case', 'revert',
-           'next_stage_segmentation', 'label_to_logits', 'save_case', 'load_preprocessed_case', 'case_is_done',
+           'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays', 'check_case_arrays', 'read_case',
+           'preprocess_case', 'revert', 'next_stage_segmentation', 'label_to_logits', 'save_case',
+           'load_preprocessed_case', 'case_status', 'case_is_done', 'input_signature', 'resume_summary',
            'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
 
 # %% ../nbs/04_preprocessing.ipynb #756be7f2
@@ -415,22 +417,40 @@ def preprocess_arrays(
     return image, seg, props
 
 # %% ../nbs/04_preprocessing.ipynb #20b051f3
-def read_case(image_files, label_file=None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Read a case's channels and label; a label whose shape or
-    grid differs from the image is an error naming it."""
+def check_case_arrays(image: np.ndarray, label: np.ndarray | None, image_files, label_file=None,
+                      dataset_json: dict | None = None):
+    """`nnlite check`'s voxel checks on a case as it is read to be preprocessed or predicted: no NaN or inf
+    voxel (counted in a float NIfTI's raw data, where SimpleITK shows them as 0) and, given dataset.json,
+    no label value it does not declare. A one-line error naming the file."""
+    files = [image_files] if isinstance(image_files, (str, os.PathLike)) else list(image_files)
+    for k, f in enumerate(files):
+        n_nan, n_inf = count_nonfinite(f, image[k] if len(files) == len(image) else image)
+        if n_nan or n_inf: raise DatasetError(f"{f}: contains {n_nan} NaN and {n_inf} inf voxels")
+    if label is not None and dataset_json is not None:
+        allowed = set(label_values(dataset_json))
+        if undeclared := sorted(set(np.unique(label).tolist()) - allowed):
+            raise DatasetError(
+                f"{label_file}: label values {undeclared} are not in dataset.json labels {sorted(allowed)}")
+
+def read_case(image_files, label_file=None,
+              dataset_json: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Read a case's channels and label, checked: a label whose shape or grid differs from the image, a NaN
+    voxel or (given `dataset_json`) an undeclared label value is an error naming its file."""
     image, geometry = read_image(image_files)
-    if label_file is None: return image, None, geometry
-    label, label_geometry = read_label(label_file)
-    first = image_files if isinstance(image_files, (str, os.PathLike)) else image_files[0]
-    if problem := _grid_problem(
-        label_file, label.shape, label_geometry, first, image.shape[1:], geometry, 'image '):
-        raise DatasetError(str(problem))
+    label = None
+    if label_file is not None:
+        label, label_geometry = read_label(label_file)
+        first = image_files if isinstance(image_files, (str, os.PathLike)) else image_files[0]
+        if problem := _grid_problem(
+            label_file, label.shape, label_geometry, first, image.shape[1:], geometry, 'image '):
+            raise DatasetError(str(problem))
+    check_case_arrays(image, label, image_files, label_file, dataset_json)
     return image, label, geometry
 
 def preprocess_case(image_files, label_file, plans: dict, configuration: str,
                     dataset_json: dict | None = None):
     "Read and preprocess one case from its files (see `preprocess_arrays`)."
-    image, label, geometry = read_case(image_files, label_file)
+    image, label, geometry = read_case(image_files, label_file, dataset_json)
     return preprocess_arrays(image, label, geometry, plans, configuration, dataset_json)
 
 # %% ../nbs/04_preprocessing.ipynb #cff0c1ad
@@ -526,15 +546,27 @@ def load_preprocessed_case(folder, case_id: str, mmap: bool = True) -> tuple[np.
     return (np.load(folder / f'{case_id}.npy', mmap_mode=mode),
             np.load(folder / f'{case_id}_seg.npy', mmap_mode=mode), props)
 
-def case_is_done(folder, case_id: str, settings_id: str | None = None) -> bool:
-    """Whether a case was completely written (its properties JSON, written last, exists)
-    — with the settings `settings_id`, if given."""
+def case_status(folder, case_id: str, settings_id: str | None = None, inputs: dict | None = None) -> str:
+    """'done' when a case was completely written (its properties JSON, written last, exists) with the settings
+    `settings_id` and from the input files `inputs` (when given); else why not: 'new', 'incomplete',
+    'settings changed', 'inputs changed'."""
     folder = Path(folder)
-    if not all((folder / f'{case_id}{s}').is_file() for s in ('.json', '.npy', '_seg.npy', '_locations.npy')):
-        return False
-    if settings_id is None: return True
-    try: return read_json(folder / f'{case_id}.json').get('settings_id') == settings_id
-    except (ValueError, OSError): return False
+    present = [(folder / f'{case_id}{s}').is_file() for s in ('.json', '.npy', '_seg.npy', '_locations.npy')]
+    if not any(present): return 'new'
+    if not all(present): return 'incomplete'
+    try: props = read_json(folder / f'{case_id}.json')
+    except (ValueError, OSError): return 'incomplete'
+    if settings_id is not None and props.get('settings_id') != settings_id: return 'settings changed'
+    if inputs is not None and props.get('inputs') != inputs: return 'inputs changed'
+    return 'done'
+
+def case_is_done(folder, case_id: str, settings_id: str | None = None, inputs: dict | None = None) -> bool:
+    "Whether a case was completely written (with `settings_id` and from `inputs`, when given)."
+    return case_status(folder, case_id, settings_id, inputs) == 'done'
+
+def input_signature(files) -> dict:
+    "{file name: [size, modification time in ns]} of a case's input files: what a case was made from."
+    return {Path(f).name: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
 
 # %% ../nbs/04_preprocessing.ipynb #17aced99
 def _settings_record(plans: dict, configuration: str, dataset_json: dict) -> dict:
@@ -548,12 +580,23 @@ def _settings_record(plans: dict, configuration: str, dataset_json: dict) -> dic
     return record
 
 def _preprocess_and_save(case_id, image_files, label_file, plans, configuration, dataset_json, folder,
-                         settings_id):
+                         settings_id, inputs):
     if parent_process() is not None: torch.set_num_threads(1)   # a worker process: one thread each
     try: data, seg, props = preprocess_case(image_files, label_file, plans, configuration, dataset_json)
     except DatasetError: raise
     except Exception as e: raise DatasetError(f"{case_id}: {type(e).__name__}: {e}") from e   # name the case
-    save_case(folder, case_id, data, seg, {**props, 'settings_id': settings_id})
+    save_case(folder, case_id, data, seg, {**props, 'settings_id': settings_id, 'inputs': inputs})
+
+def resume_summary(status: dict, removed: list) -> str:
+    "One line: how many cases were done before, and which are (re)done now and why."
+    done = [k for k, s in status.items() if s == 'done']
+    parts = [f"{len(status)} cases: {len(done)} done before"]
+    for why in ('new', 'incomplete', 'inputs changed', 'settings changed', 'overwrite'):
+        if which := [k for k, s in status.items() if s == why]:
+            names = ', '.join(which[:3]) + (f' and {len(which) - 3} more' if len(which) > 3 else '')
+            parts.append(f"{len(which)} {'new' if why == 'new' else 'redone, ' + why} ({names})")
+    if removed: parts.append(f"{len(removed)} no longer in the dataset removed ({', '.join(removed[:3])})")
+    return '; '.join(parts)
 
 def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers: int = 1,
                        progress: bool = True, overwrite: bool = False) -> Path:
@@ -575,11 +618,16 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
     write_json(record_file, record, indent=1)
     cases = training_cases(dataset_dir, dataset_json)
     if not cases: raise DatasetError(f"{dataset_dir}: no training cases found")
-    todo = {k: v for k, v in cases.items() if overwrite or not case_is_done(folder, k, record['settings_id'])}
-    jobs = [
-        (k, v['images'], v['label'], plans, configuration, dataset_json, folder, record['settings_id'])
-        for k, v in todo.items()
-    ]
+    inputs = {k: input_signature([*v['images'], v['label']]) for k, v in cases.items()}
+    status = {k: 'overwrite' if overwrite else case_status(folder, k, record['settings_id'], inputs[k])
+              for k in cases}
+    removed = [k for k in preprocessed_cases(folder) if k not in cases]   # their raw case is gone
+    for k in removed:
+        for suffix in ('.json', '.npy', '_seg.npy', '_locations.npy'):
+            (folder / f'{k}{suffix}').unlink(missing_ok=True)
+    if progress: print(resume_summary(status, removed))
+    jobs = [(k, v['images'], v['label'], plans, configuration, dataset_json, folder, record['settings_id'],
+             inputs[k]) for k, v in cases.items() if status[k] != 'done']
     parallel_map(_preprocess_and_save, jobs, workers, f'preprocessing {configuration}', progress)
     copy_ground_truth(cases, Path(out_dir) / 'gt_segmentations', dataset_json['file_ending'])
     return folder

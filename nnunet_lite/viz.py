@@ -144,7 +144,7 @@ def read_dataset_case(dataset_dir, case_id: str) -> tuple:
     """Image `(c, z, y, x)`, label `(z, y, x)`
     (None for an unlabelled test case), geometry and dataset.json of a case."""
     d = read_dataset_json(dataset_dir)
-    train, test = training_cases(dataset_dir, d), held_out_cases(dataset_dir, d)
+    train, test = training_cases(dataset_dir, d, strict=False), held_out_cases(dataset_dir, d)
     if case_id in train:
         image, geometry = read_image(train[case_id]['images'])
         label = read_label(train[case_id]['label'])[0] if Path(train[case_id]['label']).is_file() else None
