@@ -209,3 +209,14 @@ def test_workers_die_with_a_killed_preprocess(tmp_path):
     deadline = time.time() + 10
     while time.time() < deadline and any(alive(w) for w in workers): time.sleep(0.2)
     assert not any(alive(w) for w in workers), 'orphaned workers are still running'
+
+
+def test_predict_estimates_memory_before_reading(clean, tmp_path, monkeypatch):
+    "A case whose prediction would not fit in the free memory stops before it is read, with the figure."
+    import nnunet_lite.inference as inference
+    monkeypatch.setattr(inference, 'available_memory', lambda device: {'ram': 1000, 'device': None})
+    out = tmp_path / 'predictions'
+    line = one_line_naming(nnlite_here('predict', '-i', clean['raw'] / 'imagesTs', '-o', out, '-m', clean['model'],
+                                       '--device', 'cpu', '-q'), clean['raw'] / 'imagesTs' / 'test_000_0000.nii.gz')
+    assert 'predicting it needs about' in line and 'GB of RAM' in line, line
+    assert not list(out.glob('*.nii.gz'))
