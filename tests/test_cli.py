@@ -6,9 +6,10 @@ import sys
 import pytest
 
 
-def nnlite(*args, cwd=None):
+def nnlite(*args, cwd=None, timeout=300):
+    "The command in a subprocess; `timeout` guards against a hang, it is not a speed requirement."
     return subprocess.run([sys.executable, "-m", "nnunet_lite.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def test_console_script_is_installed():
@@ -75,9 +76,10 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
 
 
 def test_bounded_demo_learns(tmp_path):
-    """A bounded demo (6 cases of 32x48x48, 20 x 12 iterations, about 2 minutes on 2 cores): the Dice it prints on the
+    """A bounded demo (6 cases of 32x48x48, 20 x 12 iterations, 2 to 5 minutes on 2 cores): the Dice it prints on the
     test images has a floor (measured: organ 0.80, vessel 0.84; the faint lesion needs a longer schedule)."""
-    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 6, "--shape", 32, 48, 48, "--epochs", 20, "--iters", 12, "-q")
+    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 6, "--shape", 32, 48, 48, "--epochs", 20, "--iters", 12, "-q",
+               timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((tmp_path / "demo" / "predictions" / "summary.json").read_text())
     assert f"mean foreground Dice {summary['foreground_mean']['Dice']:.3f}" in r.stdout
