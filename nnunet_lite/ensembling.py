@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import (DatasetError, atomic_write_text, foreground_regions, read_dataset_json, read_json,
-                              read_label, write_json)
+from .data import (DatasetError, atomic_write, atomic_write_text, foreground_regions, read_dataset_json,
+                              read_json, read_label, write_json)
 from .evaluation import evaluate_folder, label_files, load_summary
 from .inference import Predictor, write_prediction
 from .postprocessing import determine_postprocessing, postprocess_folder
 
 # %% auto #0
 __all__ = ['CONFIGURATION_ORDER', 'read_probabilities', 'average_probabilities', 'probabilities_to_segmentation',
-           'probability_files', 'check_members', 'ensemble_files', 'ensemble_folders', 'folds_name',
+           'probability_files', 'check_members', 'ensemble_files', 'copy_model_files', 'ensemble_folders', 'folds_name',
            'validation_folders', 'crossval_results', 'crossval_probabilities', 'ensemble_name', 'ensemble_crossval',
            'is_model_folder', 'model_configuration', 'configuration_rank', 'model_folders', 'find_best_configuration',
            'inference_commands', 'candidates_table', 'candidates_figure', 'load_instructions',
@@ -97,6 +97,11 @@ def ensemble_files(members: dict, out_dir, dataset_json: dict, save_probabilitie
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(tqdm(pool.map(one, cases), total=len(cases), desc='ensembling', disable=not progress))
 
+def copy_model_files(source, out_dir, names=('dataset.json', 'plans.json')):
+    "Copy the dataset.json and plans.json a folder of predictions goes with (those it has) into `out_dir`."
+    for name in names:
+        if (Path(source) / name).is_file(): shutil.copy(Path(source) / name, Path(out_dir) / name)
+
 def ensemble_folders(folders, out_dir, save_probabilities: bool = False, workers: int = 2,
                      progress: bool = True) -> list[Path]:
     """Ensemble prediction folders (each with CASE.npz and CASE<file ending> for every case, the first also
@@ -107,8 +112,7 @@ def ensemble_folders(folders, out_dir, save_probabilities: bool = False, workers
     written = ensemble_files({str(f): probability_files(f) for f in folders}, out_dir, dataset_json,
                              save_probabilities, workers, progress)
     write_json(Path(out_dir) / 'dataset.json', dataset_json)
-    if (folders[0] / 'plans.json').is_file():
-        write_json(Path(out_dir) / 'plans.json', read_json(folders[0] / 'plans.json'))
+    copy_model_files(folders[0], out_dir, ('plans.json',))
     return written
 
 # %% ../nbs/12_ensembling.ipynb #21eba09a
@@ -131,8 +135,7 @@ def crossval_results(model_dir, gt_dir, folds=(0, 1, 2, 3, 4), workers: int = 2)
     out = model_dir / f'crossval_results_folds_{folds_name(folds)}'
     if out.exists(): shutil.rmtree(out)
     out.mkdir()
-    for name in ('dataset.json', 'plans.json'):
-        if (model_dir / name).is_file(): shutil.copy(model_dir / name, out / name)
+    copy_model_files(model_dir, out)
     for folder in validation_folders(model_dir, folds):
         for f in label_files(folder, dataset_json['file_ending'], 'validation predictions'):
             if (out / f.name).exists():
@@ -166,8 +169,7 @@ def ensemble_crossval(model_dirs, out_dir, gt_dir, folds=(0, 1, 2, 3, 4),
     members = {str(m): crossval_probabilities(m, folds) for m in model_dirs}
     if out_dir.exists(): shutil.rmtree(out_dir)
     ensemble_files(members, out_dir, dataset_json, workers=workers, progress=False)
-    for name in ('dataset.json', 'plans.json'):
-        if (model_dirs[0] / name).is_file(): shutil.copy(model_dirs[0] / name, out_dir / name)
+    copy_model_files(model_dirs[0], out_dir)
     return out_dir, evaluate_folder(out_dir, gt_dir, dataset_json, workers=workers, progress=False)
 
 # %% ../nbs/12_ensembling.ipynb #c32db86d
@@ -179,8 +181,7 @@ def is_model_folder(folder) -> bool:
 
 def model_configuration(model_dir) -> str:
     "The configuration of a model folder, from its name (ours: CONFIG; nnU-Net v2's: TRAINER__PLANS__CONFIG)."
-    name = Path(model_dir).name.split('__')[-1]
-    return name
+    return Path(model_dir).name.split('__')[-1]
 
 def configuration_rank(configuration: str) -> int:
     "Where nnU-Net tries a configuration: 2d first, ..., then any other."
@@ -358,12 +359,10 @@ def export_model(model_dirs, zip_file, checkpoints=('checkpoint_final.pth',)) ->
         for ensemble in sorted(parent.glob('ensembles/ensemble___*')):
             files += [ensemble / n for n in ('summary.json', 'postprocessing.json')]
     files = [f for f in dict.fromkeys(files) if f.is_file()]
-    zip_file = Path(zip_file)
-    tmp = zip_file.with_name(f'.{zip_file.name}.tmp')
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
-        for f in files: z.write(f, f.relative_to(_zip_root(f, model_dirs)).as_posix())
-    os.replace(tmp, zip_file)
-    return zip_file
+    def write(tmp: Path):
+        with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
+            for f in files: z.write(f, f.relative_to(_zip_root(f, model_dirs)).as_posix())
+    return atomic_write(zip_file, write)
 
 def _zip_root(f: Path, model_dirs) -> Path:
     "The folder a file's path in the zip is relative to: the one above the folder holding its model folder."

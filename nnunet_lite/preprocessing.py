@@ -566,7 +566,7 @@ def case_is_done(folder, case_id: str, settings_id: str | None = None, inputs: d
 
 def input_signature(files) -> dict:
     "{file name: [size, modification time in ns]} of a case's input files: what a case was made from."
-    return {Path(f).name: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
+    return {Path(f).name: [s.st_size, s.st_mtime_ns] for f in files for s in [os.stat(f)]}
 
 # %% ../nbs/04_preprocessing.ipynb #17aced99
 def _settings_record(plans: dict, configuration: str, dataset_json: dict) -> dict:
