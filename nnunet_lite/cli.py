@@ -102,8 +102,11 @@ def add_plan_command(sub):
     pl.add_argument('dataset_dir', type=Path, nargs='?', help='raw dataset folder (nnU-Net v2 layout)')
     pl.add_argument(
         '-o', '--out', type=Path, required=True, help='folder for dataset_fingerprint.json and plans.json')
-    pl.add_argument('--gpu-memory', type=float, default=8.0, help='GPU memory budget in GB (default 8)')
-    pl.add_argument('--preset', choices=list(PRESETS), default='v2', help='planning rules (default v2)')
+    pl.add_argument('--gpu-memory', type=float, default=None,
+                    help="GPU memory budget in GB (default: the preset's, 8 for v2 and resenc_m, "
+                         "24 for resenc_l, 40 for resenc_xl)")
+    pl.add_argument('--preset', choices=list(PRESETS), default='v2',
+                    help='planning rules (default v2; resenc_m/l/xl: the residual-encoder U-Nets)')
     pl.add_argument('--fingerprint', type=Path, default=None,
                     help='plan from this dataset_fingerprint.json instead of images')
     pl.add_argument(
@@ -124,6 +127,7 @@ def cmd_plan(args) -> int:
                              not args.quiet)
     else:
         raise ValueError("give a DATASET_DIR, or --fingerprint FP.json --dataset-json DS.json")
+    print(f"{plans['plans_name']} ({PRESETS[args.preset].network})")
     print(describe_plans(plans).to_string())
     print(f"wrote {Path(args.out) / 'dataset_fingerprint.json'} and {Path(args.out) / 'plans.json'}")
     return 0

@@ -21,7 +21,7 @@ from .data import (NOMINAL_2D_SPACING, DatasetError, Geometry, atomic_write, fil
                               foreground_labels, foreground_regions, list_image_files, read_json, read_label,
                               write_json, write_label)
 from .dataloading import load_previous_stage
-from .network import build_network, load_reference_weights, n_outputs
+from .network import build_network, has_residual_encoder, load_reference_weights, n_outputs
 from .preprocessing import (configuration_of, load_preprocessed_case, new_shape_for,
                                        next_stage_segmentation, preprocess_arrays, read_case, revert,
                                        target_spacing_for)
@@ -171,10 +171,8 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
             raise ValueError(f"{model_dir}: folds of different configurations ({configuration}, {name})")
         configuration, mirror_axes = name, tuple(ckpt.get('inference_allowed_mirroring_axes') or ())
         architecture = configuration_of(plans, name)['architecture']
-        network_class = architecture.get('network_class_name', 'PlainConvUNet')
-        if not network_class.endswith('.PlainConvUNet') and network_class != 'PlainConvUNet':
-            raise ValueError(f"{model_dir / 'plans.json'}: {name} is a {network_class}; nnunet_lite builds "
-                             f"PlainConvUNet (nnU-Net's default U-Net) only")
+        try: has_residual_encoder(architecture)
+        except ValueError as e: raise ValueError(f"{model_dir / 'plans.json'}: {name}: {e}") from None
         net = build_network(plans, name, dataset_json, deep_supervision=False, initialise=False)
         networks.append(load_reference_weights(net, ckpt['network_weights']).to(device).eval())
     return {'networks': networks, 'folds': folds, 'plans': plans, 'dataset_json': dataset_json,

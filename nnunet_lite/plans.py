@@ -14,31 +14,37 @@ from .data import DatasetError, check_dataset, read_dataset_json, read_json, wri
 from .fingerprint import Fingerprint, extract_fingerprint
 
 # %% auto #0
-__all__ = ['PRESETS', 'NORMALIZATION_BY_NAME', 'UNET_CLASS', 'PlannerSettings', 'fullres_target_spacing', 'transpose_axes',
+__all__ = ['PRESETS', 'NORMALIZATION_BY_NAME', 'NETWORK_MODULE', 'PlannerSettings', 'fullres_target_spacing', 'transpose_axes',
            'normalization_schemes', 'resampling_settings', 'shape_at_spacing', 'median_shape_at_spacing',
-           'pad_to_divisible', 'pool_and_conv_props', 'initial_patch_size', 'features_per_stage',
-           'conv_feature_map_size', 'vram_budget', 'reference_batch', 'fit_patch_to_memory', 'batch_size_for',
-           'architecture', 'plan_configuration', 'plan_lowres', 'image_reader_writer', 'plan_experiment', 'save_plans',
-           'load_plans', 'write_plans', 'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'plot_plan',
-           'plan_explorer']
+           'pad_to_divisible', 'pool_and_conv_props', 'initial_patch_size', 'features_per_stage', 'stage_sizes',
+           'decoder_feature_map_size', 'conv_feature_map_size', 'residual_feature_map_size', 'feature_map_estimate',
+           'vram_budget', 'reference_batch', 'fit_patch_to_memory', 'batch_size_for', 'architecture', 'data_identifier',
+           'plan_configuration', 'plan_lowres', 'image_reader_writer', 'plan_experiment', 'save_plans', 'load_plans',
+           'write_plans', 'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'plot_plan', 'plan_explorer']
 
 # %% ../nbs/03_plans.ipynb #95d5c5b2
 @dataclass(frozen=True)
 class PlannerSettings:
     "The fixed numbers of the planner (nnU-Net v2's ExperimentPlanner unless a preset says otherwise)."
     name: str = 'v2'
+    plans_name: str = 'nnUNetPlans'          # the reference's name for plans made by these rules
+    network: str = 'PlainConvUNet'           # or 'ResidualEncoderUNet'
     base_features: int = 32                  # features of the first stage, doubled per stage ...
     max_features_3d: int = 320               # ... up to this cap (3D)
     max_features_2d: int = 512               # ... or this one (2D)
     min_feature_map_edge: int = 4  # the bottleneck's feature maps are at least 4 voxels along pooled axes
-    conv_per_stage: int = 2                  # conv-norm-nonlin blocks per stage, encoder and decoder
+    # per encoder stage: conv-norm-nonlin blocks (plain) or residual blocks (ResEnc)
+    encoder_blocks: tuple[int, ...] = (2,) * 14
+    decoder_convs: int = 2                   # conv-norm-nonlin blocks per decoder stage
     initial_patch_edge_3d: int | None = 256  # the starting patch has 256^3 voxels (3D) ...
     # ... or 2048^2 pixels (2D), shaped like 1/spacing (None: the median image)
     initial_patch_edge_2d: int | None = 2048
     # feature-map elements that fit in `reference_gpu_gb` at batch 2 (3D)
     vram_reference_3d: float = 560_000_000
     vram_reference_2d: float = 85_000_000    # ... at batch 12 (2D)
-    reference_gpu_gb: float = 8.0
+    reference_gpu_gb: float = 8.0            # the GPU those references are for, and the preset's default
+    # shrink the patch while estimate / reference batch × 2 > budget (False: while estimate > budget)
+    fit_two_samples: bool = True
     reference_batch_3d: int = 2
     reference_batch_2d: int = 12
     min_batch_size: int = 2
@@ -55,6 +61,19 @@ PRESETS = {
                                  initial_patch_edge_2d=None, vram_reference_3d=424_943_616,
                                  lowres_spacing_step=1.01),
 }
+_RESENC = dict(network='ResidualEncoderUNet', encoder_blocks=(1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6),
+               decoder_convs=1, fit_two_samples=False, max_dataset_fraction=1.0)
+PRESETS.update({
+    'resenc_m': PlannerSettings(name='resenc_m', plans_name='nnUNetResEncUNetMPlans',
+                                vram_reference_3d=680_000_000, vram_reference_2d=135_000_000,
+                                reference_gpu_gb=8, **_RESENC),
+    'resenc_l': PlannerSettings(name='resenc_l', plans_name='nnUNetResEncUNetLPlans',
+                                vram_reference_3d=2_100_000_000, vram_reference_2d=380_000_000,
+                                reference_gpu_gb=24, **_RESENC),
+    'resenc_xl': PlannerSettings(name='resenc_xl', plans_name='nnUNetResEncUNetXLPlans',
+                                 vram_reference_3d=3_600_000_000, vram_reference_2d=560_000_000,
+                                 reference_gpu_gb=40, **_RESENC),
+})
 
 # %% ../nbs/03_plans.ipynb #ad8332e5
 def fullres_target_spacing(spacings, shapes, anisotropy_threshold: float = 3.0) -> np.ndarray:
@@ -160,18 +179,49 @@ def features_per_stage(n_stages: int, base: int, cap: int) -> tuple[int, ...]:
     "base, 2 base, 4 base, ... capped at `cap`."
     return tuple(min(cap, base * 2 ** i) for i in range(n_stages))
 
+def stage_sizes(patch_size, strides) -> list[list[int]]:
+    "The feature-map size of each encoder stage: the patch divided by the strides so far."
+    sizes, size = [], [int(s) for s in patch_size]
+    for stride in strides:
+        size = [s // st for s, st in zip(size, stride)]
+        sizes.append(size)
+    return sizes
+
+def _elements(channels: int, size) -> int: return channels * int(np.prod(size, dtype=np.int64))
+
+def decoder_feature_map_size(sizes, features, n_classes: int, decoder_convs: int) -> int:
+    """The decoder's share: per stage its convs and the transposed conv (at the skip's size, with the
+    skip's features), plus the final segmentation head."""
+    total = sum((decoder_convs + 1) * _elements(f, s) for f, s in zip(features[:-1], sizes[:-1]))
+    return total + _elements(n_classes, sizes[0])
+
 def conv_feature_map_size(patch_size, strides, features, n_classes: int, conv_per_stage: int = 2) -> int:
     """Elements of all convolution outputs of the plan's
     PlainConvUNet for one sample (the reference's VRAM proxy)."""
-    sizes, size = [], list(patch_size)
-    for stride in strides:                         # the feature-map size of each encoder stage
-        size = [s // st for s, st in zip(size, stride)]
-        sizes.append(size)
-    total = sum(conv_per_stage * f * int(np.prod(s, dtype=np.int64)) for f, s in zip(features, sizes))
-    for skip_size, f in zip(sizes[:-1], features[:-1]):     # decoder stages, each at its skip's size
-        total += (conv_per_stage + 1) * f * int(np.prod(skip_size, dtype=np.int64))  # convs + transposed conv
-    total += n_classes * int(np.prod(sizes[0], dtype=np.int64))                      # segmentation head
-    return total
+    sizes = stage_sizes(patch_size, strides)
+    encoder = sum(conv_per_stage * _elements(f, s) for f, s in zip(features, sizes))
+    return encoder + decoder_feature_map_size(sizes, features, n_classes, conv_per_stage)
+
+# %% ../nbs/03_plans.ipynb #ba327a54
+def residual_feature_map_size(patch_size, strides, features, n_classes: int, blocks_per_stage,
+                              decoder_convs: int = 1) -> int:
+    "Elements of all convolution outputs of a ResidualEncoderUNet for one sample."
+    sizes = stage_sizes(patch_size, strides)
+    total, in_size, in_features = _elements(features[0], patch_size), list(patch_size), features[0]  # stem
+    for f, size, n_blocks in zip(features, sizes, blocks_per_stage):
+        projection = in_features != f or list(size) != list(in_size)
+        total += (2 * n_blocks + projection) * _elements(f, size)
+        in_size, in_features = size, f
+    return total + decoder_feature_map_size(sizes, features, n_classes, decoder_convs)
+
+def feature_map_estimate(patch_size, strides, n_classes: int, s: PlannerSettings) -> int:
+    "The VRAM proxy of the preset's network (one sample) for a patch and its strides."
+    cap = s.max_features_2d if len(patch_size) == 2 else s.max_features_3d
+    features = features_per_stage(len(strides), s.base_features, cap)
+    if s.network == 'ResidualEncoderUNet':
+        return residual_feature_map_size(patch_size, strides, features, n_classes,
+                                         s.encoder_blocks[:len(strides)], s.decoder_convs)
+    return conv_feature_map_size(patch_size, strides, features, n_classes, s.decoder_convs)
 
 # %% ../nbs/03_plans.ipynb #b75cde47
 def vram_budget(dim: int, gpu_memory_gb: float, s: PlannerSettings) -> float:
@@ -194,10 +244,10 @@ def fit_patch_to_memory(spacing, median_shape, n_classes: int, gpu_memory_gb: fl
     start = initial_patch_size(spacing, median_shape,
                                s.initial_patch_edge_2d if dim == 2 else s.initial_patch_edge_3d)
     pools, strides, kernels, patch, divisor = pool_and_conv_props(spacing, start, s.min_feature_map_edge)
-    estimate = lambda: conv_feature_map_size(
-        patch, strides, features_per_stage(len(strides), s.base_features, cap), n_classes, s.conv_per_stage)
+    estimate = lambda: feature_map_estimate(patch, strides, n_classes, s)
     est, budget, ref_bs = estimate(), vram_budget(dim, gpu_memory_gb, s), reference_batch(dim, s)
-    while est / ref_bs * 2 > budget:
+    too_big = lambda e: (e / ref_bs * 2 if s.fit_two_samples else e) > budget
+    while too_big(est):
         axis = _shrink_axis(patch, median_shape)
         trial = list(patch); trial[axis] -= divisor[axis]
         step = pool_and_conv_props(spacing, trial, s.min_feature_map_edge)[4]
@@ -216,23 +266,31 @@ def batch_size_for(estimate: float, patch_size, dim: int, dataset_voxels: float,
     return int(max(min(by_memory, by_dataset), s.min_batch_size))
 
 # %% ../nbs/03_plans.ipynb #022dd7fd
-UNET_CLASS = 'dynamic_network_architectures.architectures.unet.PlainConvUNet'
+NETWORK_MODULE = 'dynamic_network_architectures.architectures.unet'
 
-def architecture(n_stages, features, kernels, strides, dim: int, conv_per_stage: int = 2) -> dict:
-    "The `architecture` entry of a configuration: a PlainConvUNet with instance norm and leaky ReLU."
+def architecture(n_stages, features, kernels, strides, dim: int, s: PlannerSettings = PRESETS['v2']) -> dict:
+    """The `architecture` entry of a configuration: the preset's network (PlainConvUNet, or
+    ResidualEncoderUNet with `n_blocks_per_stage`) with instance norm and leaky ReLU."""
     nd = f'{dim}d'
+    blocks = list(s.encoder_blocks[:n_stages])
+    per_stage = {'n_blocks_per_stage' if s.network == 'ResidualEncoderUNet' else 'n_conv_per_stage': blocks}
     return {
-        'network_class_name': UNET_CLASS,
+        'network_class_name': f'{NETWORK_MODULE}.{s.network}',
         'arch_kwargs': {
             'n_stages': n_stages, 'features_per_stage': list(features),
             'conv_op': f'torch.nn.modules.conv.Conv{nd}', 'kernel_sizes': [list(k) for k in kernels],
-            'strides': [list(s) for s in strides], 'n_conv_per_stage': [conv_per_stage] * n_stages,
-            'n_conv_per_stage_decoder': [conv_per_stage] * (n_stages - 1), 'conv_bias': True,
+            'strides': [list(s) for s in strides], **per_stage,
+            'n_conv_per_stage_decoder': [s.decoder_convs] * (n_stages - 1), 'conv_bias': True,
             'norm_op': f'torch.nn.modules.instancenorm.InstanceNorm{nd}',
             'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
             'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
         '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin'],
     }
+
+def data_identifier(configuration: str, s: PlannerSettings) -> str:
+    """The preprocessed data's name. 2d and 3d_fullres have the default plans' spacing and normalisation
+    whatever the preset, so they share its data; 3d_lowres's spacing depends on the fullres patch."""
+    return f"{s.plans_name if configuration == '3d_lowres' else 'nnUNetPlans'}_{configuration}"
 
 def plan_configuration(name: str, spacing, median_shape, n_classes: int, dataset_voxels: float, schemes,
                        use_mask, gpu_memory_gb: float = 8, s: PlannerSettings = PRESETS['v2']) -> dict:
@@ -241,13 +299,13 @@ def plan_configuration(name: str, spacing, median_shape, n_classes: int, dataset
     patch, pools, strides, kernels, feats, est = fit_patch_to_memory(
         spacing, median_shape, n_classes, gpu_memory_gb, s)
     return {
-        'data_identifier': f'nnUNetPlans_{name}', 'preprocessor_name': 'DefaultPreprocessor',
+        'data_identifier': data_identifier(name, s), 'preprocessor_name': 'DefaultPreprocessor',
         'batch_size': batch_size_for(est, patch, len(spacing), dataset_voxels, gpu_memory_gb, s),
         'patch_size': [int(p) for p in patch],
         'median_image_size_in_voxels': [float(m) for m in median_shape],
         'spacing': [float(x) for x in spacing], 'normalization_schemes': list(schemes),
         'use_mask_for_norm': list(use_mask), **resampling_settings(),
-        'architecture': architecture(len(strides), feats, kernels, strides, len(spacing), s.conv_per_stage),
+        'architecture': architecture(len(strides), feats, kernels, strides, len(spacing), s),
         'vram_estimate': int(est)}
 
 # %% ../nbs/03_plans.ipynb #010e56b2
@@ -281,12 +339,14 @@ def image_reader_writer(file_ending: str) -> str:
         else 'SimpleITKIO'
     )
 
-def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_memory_gb: float = 8,
+def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_memory_gb: float | None = None,
                     preset: str = 'v2', dataset_name: str = 'Dataset') -> dict:
-    "All configurations for a dataset, as a plans dict in nnU-Net v2's schema."
+    """All configurations for a dataset, as a plans dict in nnU-Net v2's schema (`gpu_memory_gb` None: the
+    preset's GPU, 8 GB for v2 and resenc_m, 24 for resenc_l, 40 for resenc_xl)."""
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    if gpu_memory_gb <= 0: raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb}")
     s = PRESETS[preset]
+    gpu_memory_gb = s.reference_gpu_gb if gpu_memory_gb is None else gpu_memory_gb
+    if gpu_memory_gb <= 0: raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb}")
     fp = fingerprint if isinstance(fingerprint, Fingerprint) else Fingerprint.from_dict(fingerprint)
     n_classes, n_training = len(dataset_json['labels']), int(dataset_json['numTraining'])
     target = fullres_target_spacing(fp.spacings, fp.shapes_after_crop, s.anisotropy_threshold)
@@ -312,7 +372,7 @@ def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_mem
                                                     'previous_stage': '3d_lowres'}
     return {
         'dataset_name': dataset_name,
-        'plans_name': 'nnUNetPlans',
+        'plans_name': s.plans_name,
         'original_median_spacing_after_transp': [float(x) for x in np.median(fp.spacings, axis=0)[forward]],
         'original_median_shape_after_transp': [
             int(round(x)) for x in np.median(fp.shapes_after_crop, axis=0)[forward]],
@@ -337,8 +397,8 @@ def load_plans(path) -> dict:
     return plans
 
 # %% ../nbs/03_plans.ipynb #d1c73b32
-def write_plans(fp: Fingerprint, dataset_json: dict, out_dir, gpu_memory_gb: float = 8, preset: str = 'v2',
-                dataset_name: str = 'Dataset') -> dict:
+def write_plans(fp: Fingerprint, dataset_json: dict, out_dir, gpu_memory_gb: float | None = None,
+                preset: str = 'v2', dataset_name: str = 'Dataset') -> dict:
     "Plan from a fingerprint and write dataset_fingerprint.json, dataset.json and plans.json to `out_dir`."
     out = Path(out_dir)
     plans = plan_experiment(fp, dataset_json, gpu_memory_gb, preset, dataset_name=dataset_name)
@@ -347,8 +407,8 @@ def write_plans(fp: Fingerprint, dataset_json: dict, out_dir, gpu_memory_gb: flo
     save_plans(plans, out / 'plans.json')
     return plans
 
-def plan_dataset(dataset_dir, out_dir, gpu_memory_gb: float = 8, preset: str = 'v2', workers: int = 1,
-                 progress: bool = True, check: bool = True) -> dict:
+def plan_dataset(dataset_dir, out_dir, gpu_memory_gb: float | None = None, preset: str = 'v2',
+                 workers: int = 1, progress: bool = True, check: bool = True) -> dict:
     "Check (unless already done), fingerprint and plan a raw dataset; the plans, also written to `out_dir`."
     problems = check_dataset(dataset_dir, workers=max(workers, 2), progress=progress) if check else []
     if problems:
@@ -382,6 +442,8 @@ def describe_plans(plans: dict):
             'patch': tuple(c['patch_size']), 'batch': c['batch_size'],
             'stages': c['architecture']['arch_kwargs']['n_stages'],
             'pools per axis': tuple(int(x) for x in np.log2(strides.prod(axis=0))),
+            'blocks': tuple(c['architecture']['arch_kwargs'].get(
+                'n_blocks_per_stage', c['architecture']['arch_kwargs'].get('n_conv_per_stage', ()))),
             'patch covers': f"{np.prod(c['patch_size']) / np.prod(c['median_image_size_in_voxels']):.0%}",
             'batch_dice': c.get('batch_dice')}
     return pd.DataFrame(rows).T
@@ -422,11 +484,12 @@ def plot_plan(plans: dict, size: float = 3.6):
 
 # %% ../nbs/03_plans.ipynb #35b37d43
 def plan_explorer(n_cases: int = 40, n_classes: int = 3):
-    "An ipywidgets explorer: GPU memory, median shape and spacing -> the plan (figure and table)."
+    "An ipywidgets explorer: preset, GPU memory, median shape and spacing -> the plan (figure and table)."
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
-    gpu = widgets.FloatLogSlider(value=8, base=2, min=0, max=7, step=0.5, description='GPU GB')
+    preset = widgets.Dropdown(options=list(PRESETS), value='v2', description='preset')
+    gpu = widgets.FloatSlider(value=8, min=1, max=80, step=1, description='GPU GB', continuous_update=False)
     shape = [
         widgets.IntSlider(value=v, min=8, max=1024, step=8, description=f'shape {a}', continuous_update=False)
         for a, v in zip('zyx', (160, 256, 256))
@@ -442,19 +505,23 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
     def update(_=None):
         fp = fingerprint_from_stats([[s.value for s in spacing]] * n_cases,
                                     [[s.value for s in shape]] * n_cases)
-        plans = plan_experiment(
-            fp,
-            {
-                'channel_names': {'0': 'CT'}, 'labels': labels, 'numTraining': n_cases,
-                'file_ending': '.nii.gz'},
-            gpu.value,
-        )
+        dataset_json = {'channel_names': {'0': 'CT'}, 'labels': labels, 'numTraining': n_cases,
+                        'file_ending': '.nii.gz'}
+        plans = plan_experiment(fp, dataset_json, gpu.value, preset.value)
         with out:
             clear_output(wait=True)
+            print(f"{plans['plans_name']}: {PRESETS[preset.value].network}")
             display(describe_plans(plans))
             fig = plot_plan(plans); display(fig); plt.close(fig)
             print('cascade:',
                   'yes (3d_lowres + 3d_cascade_fullres)' if '3d_lowres' in plans['configurations'] else 'no')
+
+    def preset_changed(change):   # each preset has its own GPU; setting it redraws once
+        preset_gpu = PRESETS[change['new']].reference_gpu_gb
+        if gpu.value != preset_gpu: gpu.value = preset_gpu
+        else: update()
+    preset.observe(preset_changed, names='value')
     for w in [gpu, *shape, *spacing]: w.observe(update, names='value')
     update()
-    return widgets.VBox([gpu, widgets.HBox([widgets.VBox(shape), widgets.VBox(spacing)]), out])
+    sliders = widgets.HBox([widgets.VBox(shape), widgets.VBox(spacing)])
+    return widgets.VBox([widgets.HBox([preset, gpu]), sliders, out])

@@ -514,7 +514,7 @@ def run_epoch(self: Trainer, train: TrainingBatches, val: TrainingBatches) -> di
 def state(self: Trainer) -> dict:
     """Everything to continue this run or to predict with it (weights_only-loadable). The names
     are nnU-Net v2's where it has one (its predictor can load the file; the weights are stored
-    under PlainConvUNet's names)."""
+    under the reference network's names)."""
     return {
         'network_weights': reference_state_dict(self.network),
         'optimizer_state': self.optimizer.state_dict(),

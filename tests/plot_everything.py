@@ -132,9 +132,12 @@ def _plan_explorer(c, save):
     shown = []
     with _patched(IPython.display, 'display', lambda *objs, **kw: shown.extend(objs)):
         box = c.plans.plan_explorer(n_cases=4)
-        box.children[0].value = 16    # the GPU slider: plans and draws again
+        preset, gpu = box.children[0].children
+        preset.value = 'resenc_l'     # the preset sets its own GPU (24 GB): plans and draws again
+        assert gpu.value == 24, gpu.value
+        gpu.value = 16                # the GPU slider: plans and draws again
     figures = [o for o in shown if isinstance(o, c.Figure)]
-    assert len(figures) >= 2, f'plan_explorer displayed {shown}, expected a figure at start and after a change'
+    assert len(figures) >= 3, f'plan_explorer displayed {shown}, expected a figure at start and after each change'
     for fig in figures: save(fig)
 
 
@@ -145,6 +148,9 @@ def _draw_network(c, save):
     fig, ax = c.plt.subplots(figsize=(4, 3))
     assert c.network.draw_network(c.net, c.patch_size, ax=ax) is ax
     save(fig)
+    resenc = c.plans.plan_experiment(c.fp, c.dataset_json, preset='resenc_m')     # the residual encoder, drawn too
+    net = c.network.build_network(resenc, '3d_fullres', c.dataset_json)
+    save(c.network.draw_network(net, resenc['configurations']['3d_fullres']['patch_size']).figure)
 
 
 @draws('training.progress_figure')
