@@ -53,9 +53,10 @@ def reference_predictor(plans, configuration, dataset_json, network, mirror_axes
     return predictor
 
 
-@pytest.mark.parametrize("kind,configuration,shape", [('ct', '3d_fullres', (30, 41, 37)), ('ct2d', '2d', (1, 70, 51)),
-                                                      ('ct', '3d_fullres', (8, 12, 10))])
-def test_sliding_window_equals_reference_predictor(kind, configuration, shape, datasets):
+@pytest.mark.parametrize("kind,configuration,shape,preset", [
+    ('ct', '3d_fullres', (30, 41, 37), 'v2'), ('ct2d', '2d', (1, 70, 51), 'v2'), ('ct', '3d_fullres', (8, 12, 10), 'v2'),
+    ('ct', '3d_fullres', (14, 25, 22), 'resenc_m')])
+def test_sliding_window_equals_reference_predictor(kind, configuration, shape, preset, datasets):
     "Same weights, same preprocessed image: our logits equal the reference's (which accumulates in float16)."
     import json
     from nnunet_lite.fingerprint import extract_fingerprint
@@ -63,7 +64,7 @@ def test_sliding_window_equals_reference_predictor(kind, configuration, shape, d
     from nnunet_lite.plans import plan_experiment
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     dataset_json = json.loads((datasets[kind] / 'dataset.json').read_text())
-    plans = plan_experiment(extract_fingerprint(datasets[kind], progress=False), dataset_json)
+    plans = plan_experiment(extract_fingerprint(datasets[kind], progress=False), dataset_json, preset=preset)
     torch.manual_seed(0)
     ours = build_network(plans, configuration, dataset_json, deep_supervision=False).eval()
     arch = plans['configurations'][configuration]['architecture']
