@@ -200,6 +200,9 @@ def add_train_command(sub):
                    help=f'validation iterations per epoch (default {VAL_ITERATIONS})')
     t.add_argument('--save-every', type=int, default=SAVE_EVERY,
                    help=f'epochs between checkpoint_latest saves (default {SAVE_EVERY})')
+    t.add_argument('--cyclic', type=int, default=0, metavar='K',
+                   help='poly for the first half, then K cosine learning-rate cycles, keeping '
+                        'checkpoint_snapshot_1..K.pth at their ends (for uncertainty; default 0: poly)')
     t.add_argument(
         '--device', default=None, help='cuda, cpu, mps, cuda:1 ... (default: cuda if there is one)')
     t.add_argument(
@@ -232,7 +235,8 @@ def train_fold(args, fold, rank: int, world: int):
     trainer = Trainer(args.preprocessed_dir, args.configuration, fold, fold_dir, epochs=args.epochs,
                       iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
                       device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
-                      progress=not args.quiet, previous_predictions=args.prev_stage_predictions)
+                      progress=not args.quiet, previous_predictions=args.prev_stage_predictions,
+                      cycles=args.cyclic)
     if rank == 0:
         precision = (
             str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32')
@@ -240,7 +244,8 @@ def train_fold(args, fold, rank: int, world: int):
         print(
             f"training {args.configuration} fold {fold}: {len(trainer.train_cases)} training / "
             f"{len(trainer.val_cases)} validation cases, {trainer.epochs} epochs x {trainer.iterations} "
-            f"iterations, on {trainer.device}{processes}, {precision} -> {trainer.output_dir}"
+            f"iterations{f', {trainer.cycles} learning-rate cycles' if trainer.cycles else ''}, on "
+            f"{trainer.device}{processes}, {precision} -> {trainer.output_dir}"
         )
     t0 = time.perf_counter()
     trainer.fit(resume=args.resume)

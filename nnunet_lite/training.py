@@ -35,11 +35,12 @@ from .preprocessing import configuration_of, preprocessed_cases, preprocessed_fo
 # %% auto #0
 __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITERATIONS', 'VAL_ITERATIONS', 'SAVE_EVERY',
            'one_hot', 'SumOverRanks', 'soft_dice', 'dice_ce_loss', 'region_dice_bce_loss', 'deep_supervision_weights',
-           'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice',
-           'ema', 'load_or_make_splits', 'fold_cases', 'distributed_info', 'init_distributed', 'rank_batch_sizes',
-           'rank_oversample', 'save_checkpoint', 'numpy_scalar_globals', 'load_checkpoint', 'write_log_csv',
-           'progress_figure', 'default_device', 'default_model_dir', 'default_output_dir', 'next_stage_folder',
-           'cpu_has_native_bf16', 'amp_dtype', 'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
+           'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'cycle_lengths', 'snapshot_epochs',
+           'learning_rate', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice', 'ema', 'load_or_make_splits', 'fold_cases',
+           'distributed_info', 'init_distributed', 'rank_batch_sizes', 'rank_oversample', 'save_checkpoint',
+           'numpy_scalar_globals', 'load_checkpoint', 'write_log_csv', 'progress_figure', 'default_device',
+           'default_model_dir', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16', 'amp_dtype',
+           'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
 
 # %% ../nbs/08_training.ipynb #a1e33062
 def one_hot(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -133,6 +134,29 @@ def poly_lr(epoch: int, epochs: int, initial_lr: float = INITIAL_LR, exponent: f
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
     for group in optimizer.param_groups: group['lr'] = lr
+
+# %% ../nbs/08_training.ipynb #ac8bb910
+def cycle_lengths(epochs: int, cycles: int) -> list[int]:
+    "Epochs of each of `cycles` cycles in the second half of a run of `epochs`, as even as possible."
+    cyclic = epochs - epochs // 2
+    if cycles < 1 or cyclic < cycles:
+        raise ValueError(f"{cycles} learning-rate cycles need at least {2 * max(cycles, 1)} epochs "
+                         f"(the second half of the run, {cyclic} epochs here, holds the cycles)")
+    return [cyclic // cycles + (k < cyclic % cycles) for k in range(cycles)]
+
+def snapshot_epochs(epochs: int, cycles: int) -> list[int]:
+    "The last epoch of each cycle (0-based): where a snapshot is kept."
+    return [int(e) - 1 for e in epochs // 2 + np.cumsum(cycle_lengths(epochs, cycles))] if cycles else []
+
+def learning_rate(epoch: int, epochs: int, cycles: int = 0, initial_lr: float = INITIAL_LR) -> float:
+    """The learning rate of an epoch: poly, or with `cycles` poly for the first half and then cosine cycles
+    from the rate the first half ended with."""
+    if not cycles or epoch < epochs // 2: return poly_lr(epoch, epochs, initial_lr)
+    start, top = epochs // 2, poly_lr(epochs // 2, epochs, initial_lr)
+    for length in cycle_lengths(epochs, cycles):
+        if epoch < start + length: return top * 0.5 * (1 + math.cos(math.pi * (epoch - start) / length))
+        start += length
+    raise ValueError(f"epoch {epoch} is outside a run of {epochs} epochs")
 
 # %% ../nbs/08_training.ipynb #02a22d7d
 def crossval_splits(case_ids, n_folds: int = 5, seed: int = 12345) -> list[dict]:
@@ -280,8 +304,8 @@ def write_log_csv(path, log: list[dict]) -> Path:
     return atomic_write_text(path, out.getvalue())
 
 # %% ../nbs/08_training.ipynb #7130422b
-def progress_figure(log: list[dict]) -> Figure:
-    "Losses and pseudo Dice, epoch time and learning rate per epoch."
+def progress_figure(log: list[dict], snapshots=()) -> Figure:
+    "Losses and pseudo Dice, epoch time and learning rate per epoch; `snapshots`: epochs marked as kept."
     fig = Figure(figsize=(8, 7.5))
     ax_loss, ax_time, ax_lr = fig.subplots(3, 1, sharex=True)
     epochs = [r['epoch'] for r in log]
@@ -295,6 +319,12 @@ def progress_figure(log: list[dict]) -> Figure:
     ax_loss.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc='center right', fontsize=8)
     ax_time.plot(epochs, [r['epoch_time'] for r in log], color='k'); ax_time.set_ylabel('epoch time (s)')
     ax_lr.plot(epochs, [r['lr'] for r in log], color='k')
+    kept = [r for r in log if r['epoch'] in set(snapshots)]
+    if kept:    # the snapshots: their learning rate and their pseudo Dice
+        ax_lr.plot([r['epoch'] for r in kept], [r['lr'] for r in kept], 'o', color='tab:orange',
+                   label='snapshot')
+        ax_dice.plot([r['epoch'] for r in kept], [r['mean_fg_dice'] for r in kept], 'o', color='tab:orange')
+        ax_lr.legend(fontsize=8)
     ax_lr.set_ylabel('learning rate')
     ax_lr.set_xlabel('epoch')
     fig.tight_layout()
@@ -354,15 +384,16 @@ def class_names(dataset_json: dict) -> list[str]:
 # %% ../nbs/08_training.ipynb #089a04b0
 class Trainer:
     """Train one fold of one configuration of a preprocessed folder; checkpoints, log.csv and progress.png go
-    to `output_dir`. `fit()` runs it, `fit(resume=True)` continues from the last checkpoint. A cascade stage
-    (a configuration with a `previous_stage`) reads the previous stage's predictions of its cases from the
-    folder `previous_predictions` (default: `predicted_next_stage/<configuration>` in the previous stage's
-    default model folder)."""
+    to `output_dir`. `fit()` runs it, `fit(resume=True)` continues from the last checkpoint. With `cycles`
+    the learning rate is cyclic in the second half and a snapshot is kept at the end of each cycle. A cascade
+    stage (a configuration with a `previous_stage`) reads the previous stage's predictions of its cases from
+    the folder `previous_predictions` (default: `predicted_next_stage/<configuration>` in the previous
+    stage's default model folder)."""
     def __init__(self, preprocessed_dir, configuration: str = '3d_fullres', fold=0, output_dir=None,
                  epochs: int = EPOCHS, iterations: int = ITERATIONS, val_iterations: int = VAL_ITERATIONS,
                  save_every: int = SAVE_EVERY, device: str | None = None, seed: int = 0, threads: int = 2,
                  amp: bool = True, progress: bool = True, live: bool = False, plot_every_s: float = 10.0,
-                 previous_predictions=None):
+                 previous_predictions=None, cycles: int = 0):
         self.preprocessed_dir, self.configuration, self.fold = Path(preprocessed_dir), configuration, fold
         hint = 'train on the folder `nnlite preprocess` wrote'
         self.plans = read_json(self.preprocessed_dir / 'plans.json', hint=hint)
@@ -377,7 +408,9 @@ class Trainer:
                 f"epochs ({epochs}), iterations ({iterations}) and save_every ({save_every}) must "
                 f"be ≥ 1, val_iterations ({val_iterations}) ≥ 0"
             )
+        if cycles: cycle_lengths(epochs, cycles)     # refuses a schedule without room for the cycles
         self.epochs, self.iterations, self.val_iterations = epochs, iterations, val_iterations
+        self.cycles = cycles
         self.save_every, self.seed, self.threads = save_every, seed, threads
         self.progress, self.live, self.plot_every_s = progress, live, plot_every_s
         self.rank, self.world = distributed_info()
@@ -484,7 +517,7 @@ def _sum_over_ranks(self: Trainer, x: torch.Tensor) -> torch.Tensor:
 def run_epoch(self: Trainer, train: TrainingBatches, val: TrainingBatches) -> dict:
     "Train and validate one epoch; its log row."
     start, epoch = time.time(), self.epoch
-    lr = poly_lr(epoch, self.epochs); set_lr(self.optimizer, lr)
+    lr = learning_rate(epoch, self.epochs, self.cycles); set_lr(self.optimizer, lr)
     self.model.train()
     train_loss = torch.zeros((), device=self.device)
     no_bar = not self.progress or self.rank != 0
@@ -527,7 +560,8 @@ def state(self: Trainer) -> dict:
         'trainer_name': 'nnUNetTrainer',
         'inference_allowed_mirroring_axes': tuple(self.settings['mirror_axes']),
         'schedule': {'epochs': self.epochs, 'iterations': self.iterations,
-                     'val_iterations': self.val_iterations, 'initial_lr': INITIAL_LR, 'exponent': 0.9},
+                     'val_iterations': self.val_iterations, 'initial_lr': INITIAL_LR, 'exponent': 0.9,
+                     'cycles': self.cycles},
         'seed': self.seed,
         'world_size': self.world,
         'rng_state': torch.get_rng_state(),
@@ -555,10 +589,12 @@ def load_state(self: Trainer, checkpoint: dict, path=''):
     self.epoch, self.log, self.best_ema = (checkpoint['current_epoch'], list(checkpoint['log']),
                                            checkpoint.get('_best_ema'))
     if 'rng_state' in checkpoint: torch.set_rng_state(checkpoint['rng_state'].cpu())
-    saved = checkpoint.get('schedule', {}).get('epochs', self.epochs)
-    if saved != self.epochs and self.rank == 0:
-        print(f"{path}: trained for a schedule of {saved} epochs, continuing with {self.epochs}: "
-              f"the learning rate now follows poly_lr(epoch, {self.epochs})")
+    saved = checkpoint.get('schedule', {})
+    saved = (saved.get('epochs', self.epochs), saved.get('cycles', 0))
+    if saved != (self.epochs, self.cycles) and self.rank == 0:
+        print(f"{path}: trained for a schedule of {saved[0]} epochs with {saved[1]} cycles, continuing with "
+              f"{self.epochs} and {self.cycles}: the learning rate now follows "
+              f"learning_rate(epoch, {self.epochs}, {self.cycles})")
 
 @patch
 def save(self: Trainer, name: str):
@@ -588,13 +624,15 @@ def after_epoch(self: Trainer, row: dict):
         self.best_ema = row['ema_fg_dice']
         self.save('checkpoint_best.pth')
     if self.epoch % self.save_every == 0 and self.epoch < self.epochs: self.save('checkpoint_latest.pth')
+    if self.epoch - 1 in (kept := snapshot_epochs(self.epochs, self.cycles)):
+        self.save(f'checkpoint_snapshot_{kept.index(self.epoch - 1) + 1}.pth')
     if time.time() - self._last_plot >= self.plot_every_s: self.draw_progress()
 
 @patch
 def draw_progress(self: Trainer):
     "progress.png, and the live figure in a notebook."
     if self.rank != 0 or not self.log: return
-    fig = progress_figure(self.log)
+    fig = progress_figure(self.log, snapshot_epochs(self.epochs, self.cycles))
     atomic_write(self.output_dir / 'progress.png', lambda tmp: fig.savefig(tmp, dpi=90))
     if self.live:
         if self._display is None: self._display = display(fig, display_id=True)
@@ -677,6 +715,7 @@ def load_final(self: Trainer) -> Trainer:
             f"{path}: no such checkpoint; train fold {self.fold} of {self.configuration} first")
     checkpoint = load_checkpoint(path)
     self.epochs = checkpoint.get('schedule', {}).get('epochs', checkpoint.get('current_epoch', self.epochs))
+    self.cycles = checkpoint.get('schedule', {}).get('cycles', 0)
     self.load_state(checkpoint, path)
     self.trained_now = False
     return self

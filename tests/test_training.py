@@ -230,3 +230,36 @@ def test_two_datasets_never_share_a_model_folder(tiny3d, tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"{model / 'plans.json'}: this model folder holds other plans" in r.stderr
     assert len(list(model.glob('fold_*'))) == 1
+
+
+def test_cyclic_run_resumed_mid_cycle_equals_an_uninterrupted_one(tiny3d, tmp_path):
+    """10 epochs with 2 cycles (poly 0-4, cycles 5-7 and 8-9): a run stopped after epoch 6, in the middle of the first
+    cycle, and resumed gives the same snapshots and final weights, bit for bit, as a run never stopped."""
+    def run(out, stop_at=None):
+        t = Trainer(tiny3d, '3d_fullres', 0, output_dir=out, epochs=10, iterations=2, val_iterations=1, save_every=1,
+                    progress=False, cycles=2)
+        if stop_at is not None:
+            plain_after_epoch = t.after_epoch
+            def after_epoch(row):
+                plain_after_epoch(row)
+                if t.epoch == stop_at: raise KeyboardInterrupt
+            t.after_epoch = after_epoch
+        return t
+    run(tmp_path / 'whole').fit()
+    with pytest.raises(KeyboardInterrupt): run(tmp_path / 'stopped', stop_at=7).fit()
+    assert load_checkpoint(tmp_path / 'stopped' / 'checkpoint_latest.pth')['current_epoch'] == 7
+    assert not list((tmp_path / 'stopped').glob('checkpoint_snapshot_*'))
+    run(tmp_path / 'stopped').fit(resume=True)
+    for name in ('checkpoint_snapshot_1.pth', 'checkpoint_snapshot_2.pth', 'checkpoint_final.pth'):
+        a, b = load_checkpoint(tmp_path / 'whole' / name), load_checkpoint(tmp_path / 'stopped' / name)
+        assert a['current_epoch'] == b['current_epoch'], name
+        for k in a['network_weights']: assert torch.equal(a['network_weights'][k], b['network_weights'][k]), (name, k)
+    assert load_checkpoint(tmp_path / 'whole' / 'checkpoint_snapshot_1.pth')['current_epoch'] == 8
+    lrs = [r['lr'] for r in load_checkpoint(tmp_path / 'stopped' / 'checkpoint_final.pth')['log']]
+    assert lrs[5] > lrs[6] > lrs[7] < lrs[8] > lrs[9]          # two cycles, each decaying to its snapshot
+
+
+def test_cli_cyclic_needs_room_for_its_cycles(tiny3d, tmp_path):
+    r = nnlite('train', tiny3d, '-c', '3d_fullres', '-f', 0, '--epochs', 4, '--cyclic', 3, '-o', tmp_path / 'm', '-q')
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert '3 learning-rate cycles need at least 6 epochs' in r.stderr
