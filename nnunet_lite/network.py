@@ -20,7 +20,8 @@ from .preprocessing import configuration_of
 # %% auto #0
 __all__ = ['conv_norm', 'conv_norm_act', 'conv_stage', 'ResidualBlock', 'residual_stage', 'UNet', 'init_weights', 'n_outputs',
            'input_channels', 'has_residual_encoder', 'build_network', 'count_parameters', 'stage_shapes', 'first_conv',
-           'describe_network', 'draw_network', 'reference_key', 'load_reference_weights', 'reference_state_dict']
+           'input_conv', 'describe_network', 'draw_network', 'reference_key', 'load_reference_weights',
+           'reference_state_dict']
 
 # %% ../nbs/05_network.ipynb #c086059a
 def conv_norm(dim: int, in_channels: int, out_channels: int, kernel, stride=1,
@@ -183,6 +184,10 @@ def first_conv(stage: nn.Sequential) -> nn.Module:
     "The first (strided) convolution of an encoder stage, plain or residual."
     block = stage[0]
     return block.conv1[0] if isinstance(block, ResidualBlock) else block[0]
+
+def input_conv(net: UNet) -> nn.Module:
+    "The convolution that sees the image: the stem's, or the first encoder stage's."
+    return net.stem[0] if net.stem is not None else first_conv(net.encoder[0])
 
 def describe_network(net: UNet, patch_size):
     """A table: per stage its resolution, features, kernel, stride

@@ -5,6 +5,7 @@
 # %% ../nbs/03_plans.ipynb #7bab8217
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,12 +196,14 @@ def decoder_feature_map_size(sizes, features, n_classes: int, decoder_convs: int
     total = sum((decoder_convs + 1) * _elements(f, s) for f, s in zip(features[:-1], sizes[:-1]))
     return total + _elements(n_classes, sizes[0])
 
-def conv_feature_map_size(patch_size, strides, features, n_classes: int, conv_per_stage: int = 2) -> int:
-    """Elements of all convolution outputs of the plan's
-    PlainConvUNet for one sample (the reference's VRAM proxy)."""
+def conv_feature_map_size(patch_size, strides, features, n_classes: int, conv_per_stage: int = 2,
+                          decoder_convs: int | None = None) -> int:
+    """Elements of all convolution outputs of the plan's PlainConvUNet for one sample (the reference's VRAM
+    proxy); `decoder_convs` defaults to `conv_per_stage`."""
     sizes = stage_sizes(patch_size, strides)
     encoder = sum(conv_per_stage * _elements(f, s) for f, s in zip(features, sizes))
-    return encoder + decoder_feature_map_size(sizes, features, n_classes, conv_per_stage)
+    decoder_convs = conv_per_stage if decoder_convs is None else decoder_convs
+    return encoder + decoder_feature_map_size(sizes, features, n_classes, decoder_convs)
 
 # %% ../nbs/03_plans.ipynb #ba327a54
 def residual_feature_map_size(patch_size, strides, features, n_classes: int, blocks_per_stage,
@@ -209,6 +212,7 @@ def residual_feature_map_size(patch_size, strides, features, n_classes: int, blo
     sizes = stage_sizes(patch_size, strides)
     total, in_size, in_features = _elements(features[0], patch_size), list(patch_size), features[0]  # stem
     for f, size, n_blocks in zip(features, sizes, blocks_per_stage):
+        # the skip path has an output (a pool, a projection or both) when shape or features change
         projection = in_features != f or list(size) != list(in_size)
         total += (2 * n_blocks + projection) * _elements(f, size)
         in_size, in_features = size, f
@@ -221,7 +225,8 @@ def feature_map_estimate(patch_size, strides, n_classes: int, s: PlannerSettings
     if s.network == 'ResidualEncoderUNet':
         return residual_feature_map_size(patch_size, strides, features, n_classes,
                                          s.encoder_blocks[:len(strides)], s.decoder_convs)
-    return conv_feature_map_size(patch_size, strides, features, n_classes, s.decoder_convs)
+    return conv_feature_map_size(patch_size, strides, features, n_classes, s.encoder_blocks[0],
+                                 s.decoder_convs)
 
 # %% ../nbs/03_plans.ipynb #b75cde47
 def vram_budget(dim: int, gpu_memory_gb: float, s: PlannerSettings) -> float:
@@ -260,7 +265,7 @@ def fit_patch_to_memory(spacing, median_shape, n_classes: int, gpu_memory_gb: fl
 # %% ../nbs/03_plans.ipynb #7476c0d4
 def batch_size_for(estimate: float, patch_size, dim: int, dataset_voxels: float, gpu_memory_gb: float,
                    s: PlannerSettings) -> int:
-    "The batch size that fills the memory budget, capped at 5 % of the dataset, at least 2."
+    "The batch size that fills the memory budget, capped at the preset's share of the dataset, at least 2."
     by_memory = round(vram_budget(dim, gpu_memory_gb, s) / estimate * reference_batch(dim, s))
     by_dataset = round(dataset_voxels * s.max_dataset_fraction / np.prod(patch_size, dtype=np.float64))
     return int(max(min(by_memory, by_dataset), s.min_batch_size))
@@ -347,6 +352,10 @@ def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_mem
     s = PRESETS[preset]
     gpu_memory_gb = s.reference_gpu_gb if gpu_memory_gb is None else gpu_memory_gb
     if gpu_memory_gb <= 0: raise ValueError(f"gpu_memory_gb must be positive, got {gpu_memory_gb}")
+    if s.network == 'ResidualEncoderUNet' and gpu_memory_gb != s.reference_gpu_gb:
+        warnings.warn(f"preset {preset} is made for {s.reference_gpu_gb:g} GB; planned for "
+                      f"{gpu_memory_gb:g} GB these are not {s.plans_name} (as the reference warns)",
+                      stacklevel=2)
     fp = fingerprint if isinstance(fingerprint, Fingerprint) else Fingerprint.from_dict(fingerprint)
     n_classes, n_training = len(dataset_json['labels']), int(dataset_json['numTraining'])
     target = fullres_target_spacing(fp.spacings, fp.shapes_after_crop, s.anisotropy_threshold)

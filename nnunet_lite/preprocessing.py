@@ -27,13 +27,13 @@ from .plans import load_plans
 
 # %% auto #0
 __all__ = ['NORMALIZERS', 'ANISOTROPY_THRESHOLD', 'MAX_LOCATIONS_PER_CLASS', 'MIN_LOCATION_COVERAGE', 'RESAMPLING_KEYS',
-           'PROBABILITY_RESAMPLING', 'transpose_case', 'ct_normalize', 'zscore_normalize', 'rescale_to_0_1',
-           'rgb_to_0_1', 'no_normalization', 'normalize', 'new_shape_for', 'coarse_axis', 'separate_z_axis',
-           'resample_image_scipy', 'interpolation_matrix', 'along_axis', 'resample_image', 'resample_label',
-           'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of', 'preprocessed_folder_name',
-           'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays', 'check_case_arrays', 'read_case',
-           'preprocess_case', 'revert', 'next_stage_segmentation', 'label_to_logits', 'save_case',
-           'load_preprocessed_case', 'case_status', 'case_is_done', 'input_signature', 'resume_summary',
+           'PROBABILITY_RESAMPLING', 'NOT_PREPROCESSING', 'transpose_case', 'ct_normalize', 'zscore_normalize',
+           'rescale_to_0_1', 'rgb_to_0_1', 'no_normalization', 'normalize', 'new_shape_for', 'coarse_axis',
+           'separate_z_axis', 'resample_image_scipy', 'interpolation_matrix', 'along_axis', 'resample_image',
+           'resample_label', 'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of',
+           'preprocessed_folder_name', 'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays',
+           'check_case_arrays', 'read_case', 'preprocess_case', 'revert', 'next_stage_segmentation', 'label_to_logits',
+           'save_case', 'load_preprocessed_case', 'case_status', 'case_is_done', 'input_signature', 'resume_summary',
            'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
 
 # %% ../nbs/04_preprocessing.ipynb #756be7f2
@@ -569,11 +569,15 @@ def input_signature(files) -> dict:
     return {Path(f).name: [s.st_size, s.st_mtime_ns] for f in files for s in [os.stat(f)]}
 
 # %% ../nbs/04_preprocessing.ipynb #17aced99
+# plan entries that do not change the preprocessed data: presets that share a data_identifier share the cases
+NOT_PREPROCESSING = ('batch_size', 'patch_size', 'architecture', 'vram_estimate', 'data_identifier',
+                     'batch_dice')
+
 def _settings_record(plans: dict, configuration: str, dataset_json: dict) -> dict:
     cfg = configuration_of(plans, configuration)
     record = {
         'configuration': configuration, 'transpose_forward': plans['transpose_forward'],
-        'settings': {k: v for k, v in cfg.items() if k not in ('batch_size', 'patch_size', 'architecture')},
+        'settings': {k: v for k, v in cfg.items() if k not in NOT_PREPROCESSING},
         'foreground_intensity_properties_per_channel': plans['foreground_intensity_properties_per_channel'],
         'labels': dataset_json['labels']}
     record['settings_id'] = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]

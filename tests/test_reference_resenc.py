@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nnunet_lite.fingerprint import extract_fingerprint
-from nnunet_lite.network import (build_network, count_parameters, input_channels, load_reference_weights,
+from nnunet_lite.network import (build_network, count_parameters, input_channels, load_reference_weights, n_outputs,
                                  reference_state_dict)
 from nnunet_lite.plans import PRESETS, features_per_stage, plan_experiment, pool_and_conv_props, residual_feature_map_size
 from nnunet_lite.preprocessing import configuration_of
@@ -80,7 +80,8 @@ def test_non_default_gpu_equals_reference():
     fingerprint, dataset_json = _fingerprint('iso_ct_medium')
     with pytest.warns(UserWarning):
         ref = reference_plans(fingerprint, dataset_json, gpu_memory_gb=12, planner='nnUNetPlannerResEncM')
-    ours = plan_experiment(fingerprint, dataset_json, 12, preset='resenc_m')
+    with pytest.warns(UserWarning, match='made for 8 GB'):
+        ours = plan_experiment(fingerprint, dataset_json, 12, preset='resenc_m')
     for name in ('2d', '3d_fullres'):
         for key in ('patch_size', 'batch_size'):
             assert _normalise(ours['configurations'][name][key]) == _normalise(ref['configurations'][name][key])
@@ -104,7 +105,7 @@ def test_vram_estimate_equals_residual_encoder_unet(spacing, patch, n_classes):
 def reference_network(plans, configuration, dataset_json, deep_supervision=True):
     arch = configuration_of(plans, configuration)['architecture']
     return get_network_from_plans(arch['network_class_name'], arch['arch_kwargs'], arch['_kw_requires_import'],
-                                  input_channels(plans, configuration, dataset_json), len(dataset_json['labels']),
+                                  input_channels(plans, configuration, dataset_json), n_outputs(dataset_json),
                                   allow_init=True, deep_supervision=deep_supervision)
 
 

@@ -56,3 +56,17 @@ def test_resenc_m_train_and_predict_through_the_cli(tmp_path):
         _, image_geometry = read_image([raw / 'imagesTs' / f'{case}_0000.nii.gz'])
         label, geometry = read_label(out / f'{case}.nii.gz')
         assert geometry == image_geometry and set(np.unique(label)) <= {0, 1, 2}
+
+
+def test_resenc_plans_share_the_default_plans_preprocessed_data(tmp_path):
+    "3d_fullres preprocessed for v2 is reused as it is for resenc_m (the same data identifier and settings)."
+    from nnunet_lite.plans import plan_dataset
+    from nnunet_lite.preprocessing import preprocess_dataset
+    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=3, n_test=0, shape=(12, 20, 20), progress=False)
+    v2 = plan_dataset(raw, tmp_path / 'pre', progress=False)
+    folder = preprocess_dataset(raw, v2, '3d_fullres', tmp_path / 'pre', progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob('case_*')}
+    resenc = plan_dataset(raw, tmp_path / 'pre', preset='resenc_m', progress=False, check=False)
+    assert resenc['configurations']['3d_fullres']['data_identifier'] == v2['configurations']['3d_fullres']['data_identifier']
+    preprocess_dataset(raw, resenc, '3d_fullres', tmp_path / 'pre', progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob('case_*')} == before
