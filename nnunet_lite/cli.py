@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch.distributed as dist
 
-from .data import (SYNTH_KINDS, DatasetError, check_dataset, held_out_cases,
+from .data import (SYNTH_KINDS, DatasetError, atomic_write, check_dataset, held_out_cases,
                               make_synthetic_dataset, read_dataset_json, read_image, read_label, write_json)
 from .ensembling import (candidates_figure, candidates_table, ensemble_folders, export_model,
                                      find_best_configuration, import_model, load_instructions, model_folders,
@@ -25,6 +25,7 @@ from .ensembling import (candidates_figure, candidates_table, ensemble_folders, 
 from .evaluation import evaluate_folder, summary_table, validate_fold
 from .fingerprint import Fingerprint
 from .inference import Predictor
+from .uncertainty import METHODS, UncertaintyPredictor, score_quality, uncertainty_figure, uncertainty_table
 from .plans import PRESETS, describe_plans, load_plans, plan_dataset, save_plans, write_plans
 from .postprocessing import determine_postprocessing, postprocess_folder
 from .preprocessing import load_preprocessed_case, preprocess_dataset, preprocessed_cases
@@ -35,11 +36,11 @@ from .viz import show_case, show_slice
 __all__ = ['DEFAULT_CONFIGURATIONS', 'DEMO_DATASET', 'DEMO_SCHEDULE', 'COMMANDS', 'stage', 'add_check_command', 'cmd_check',
            'add_synth_command', 'cmd_synth', 'add_plan_command', 'cmd_plan', 'add_preprocess_command', 'cmd_preprocess',
            'add_train_command', 'cmd_train', 'train_fold', 'print_validation', 'add_validate_command', 'cmd_validate',
-           'add_predict_command', 'cmd_predict', 'predict_instructions', 'add_evaluate_command', 'cmd_evaluate',
-           'add_postprocess_command', 'cmd_postprocess', 'add_ensemble_command', 'cmd_ensemble',
-           'add_find_best_command', 'cmd_find_best', 'add_export_model_command', 'cmd_export_model',
-           'add_import_model_command', 'cmd_import_model', 'prediction_figure', 'preprocessed_figure',
-           'add_demo_command', 'cmd_demo', 'build_parser', 'main']
+           'add_predict_command', 'cmd_predict', 'predict_uncertainty', 'predict_instructions', 'add_evaluate_command',
+           'cmd_evaluate', 'add_evaluate_uncertainty_command', 'cmd_evaluate_uncertainty', 'add_postprocess_command',
+           'cmd_postprocess', 'add_ensemble_command', 'cmd_ensemble', 'add_find_best_command', 'cmd_find_best',
+           'add_export_model_command', 'cmd_export_model', 'add_import_model_command', 'cmd_import_model',
+           'prediction_figure', 'preprocessed_figure', 'add_demo_command', 'cmd_demo', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #a416484f
 @contextmanager
@@ -324,10 +325,17 @@ def add_predict_command(sub):
                          "(default: MODEL/../PREVIOUS_STAGE)")
     pr.add_argument('--prev-stage-predictions', type=Path, default=None,
                     help="a cascade: a folder of the first stage's predictions (CASE.nii.gz) to use instead")
+    pr.add_argument('--uncertainty', choices=METHODS, default=None,
+                    help='predict with an ensemble (the snapshots of a --cyclic run, the folds, or '
+                         'mirroring alone) and write entropy and mutual-information maps to '
+                         'OUTPUT/uncertainty/, scores to OUTPUT/uncertainty.json')
+    pr.add_argument('--width', type=int, default=1,
+                    help="--uncertainty: the boundary band's half-width in voxels (default 1)")
     pr.add_argument('-q', '--quiet', action='store_true')
     pr.set_defaults(func=cmd_predict)
 
 def cmd_predict(args) -> int:
+    if args.uncertainty: return predict_uncertainty(args)
     if args.model.suffix == '.json': return predict_instructions(args)
     predictor = Predictor(args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
                           step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
@@ -346,6 +354,26 @@ def cmd_predict(args) -> int:
     else:
         written = predictor.predict_folder(args.input, args.output, args.save_probabilities, args.overwrite)
     print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
+    return 0
+
+def predict_uncertainty(args) -> int:
+    "`nnlite predict --uncertainty METHOD`: the ensemble's segmentation, uncertainty maps and scores."
+    if args.model.suffix == '.json':
+        raise ValueError(f"{args.model}: --uncertainty needs a model folder, not find-best's instructions")
+    if not Path(args.input).is_dir(): raise ValueError(f"{args.input}: give a folder of images")
+    predictor = UncertaintyPredictor(
+        args.model, args.uncertainty, args.folds, device=args.device, step=args.step,
+        mirroring=not args.no_mirroring, amp=not args.no_amp, progress=not args.quiet, width=args.width,
+        previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
+    names = predictor.members['names']
+    print(f"model {args.model}: {predictor.configuration}, {args.uncertainty}: {len(names)} members "
+          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), on {predictor.device}")
+    t0 = time.perf_counter()
+    scores = predictor.predict_folder_with_uncertainty(args.input, args.output)
+    ranked = sorted(scores, key=lambda c: -scores[c]['score'])
+    print("most uncertain: " + ', '.join(f"{c} ({scores[c]['score']:.3f})" for c in ranked[:5]))
+    print(f"{len(scores)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output} "
+          f"(maps in uncertainty/, scores in uncertainty.json)")
     return 0
 
 def predict_instructions(args) -> int:
@@ -386,6 +414,31 @@ def cmd_evaluate(args) -> int:
     print(summary_table(summary).round(4).to_string())
     print(f"foreground mean Dice {summary['foreground_mean']['Dice']:.4f} -> "
           f"{args.out or Path(args.pred_dir) / 'summary.json'}")
+    return 0
+
+# %% ../nbs/15_cli.ipynb #2f9de4fb
+def add_evaluate_uncertainty_command(sub):
+    eu = sub.add_parser('evaluate-uncertainty',
+                        help="how well predict --uncertainty's scores rank the cases by Dice "
+                             "(Spearman, AUROC, AURC)")
+    eu.add_argument('pred_dir', type=Path, help='the output folder of nnlite predict --uncertainty')
+    eu.add_argument('gt_dir', type=Path, help='folder of reference label files (same names)')
+    eu.add_argument('--fail-below', type=float, default=0.5,
+                    help='a case failed when its mean foreground Dice is below this (default 0.5)')
+    eu.add_argument('-q', '--quiet', action='store_true')
+    eu.set_defaults(func=cmd_evaluate_uncertainty)
+
+def cmd_evaluate_uncertainty(args) -> int:
+    scores = Path(args.pred_dir) / 'uncertainty.json'
+    if not scores.is_file():
+        raise FileNotFoundError(
+            f"{scores}: not found (predict with nnlite predict --uncertainty METHOD first)")
+    evaluate_folder(args.pred_dir, args.gt_dir, progress=not args.quiet)
+    table = uncertainty_table(scores, Path(args.pred_dir) / 'summary.json')
+    print(score_quality(table, args.fail_below).round(3).to_string())
+    figure = Path(args.pred_dir) / 'uncertainty_vs_dice.png'
+    atomic_write(figure, lambda tmp: uncertainty_figure(table).savefig(tmp, dpi=90, format='png'))
+    print(f"{len(table)} cases; figure -> {figure}")
     return 0
 
 # %% ../nbs/15_cli.ipynb #09d15f6f
@@ -626,9 +679,9 @@ def cmd_demo(args) -> int:
 
 # %% ../nbs/15_cli.ipynb #80903aed
 COMMANDS = (add_check_command, add_synth_command, add_plan_command, add_preprocess_command, add_train_command,
-            add_validate_command, add_predict_command, add_evaluate_command, add_postprocess_command,
-            add_ensemble_command, add_find_best_command, add_export_model_command, add_import_model_command,
-            add_demo_command)
+            add_validate_command, add_predict_command, add_evaluate_command, add_evaluate_uncertainty_command,
+            add_postprocess_command, add_ensemble_command, add_find_best_command, add_export_model_command,
+            add_import_model_command, add_demo_command)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `nnlite` parser: each command's arguments are added by its `add_..._command` above."

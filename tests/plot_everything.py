@@ -216,6 +216,38 @@ def _candidates_figure(c, save):
     save(c.ensembling.candidates_figure(results / 'inference_instructions.json'))
 
 
+
+def _uncertainty_table(c):
+    import pandas as pd
+    rng = c.np.random.default_rng(0)
+    dice = rng.uniform(0, 1, 12)
+    return pd.DataFrame({'score': 2 - dice + rng.normal(0, .2, 12), 'mean_entropy': 1 - dice,
+                         'mean_mutual_information': rng.uniform(0, .2, 12), 'Dice': dice,
+                         'corruption': ['clean', 'noise_1', 'blur_2', 'missing_organ'] * 3},
+                        index=[f'case_{i:03d}' for i in range(12)])
+
+
+@draws('uncertainty.score_vs_dice_figure')
+def _score_vs_dice_figure(c, save):
+    save(c.uncertainty.score_vs_dice_figure(_uncertainty_table(c)).figure)
+
+
+@draws('uncertainty.risk_coverage_figure')
+def _risk_coverage_figure(c, save):
+    save(c.uncertainty.risk_coverage_figure(_uncertainty_table(c)).figure)
+
+
+@draws('uncertainty.uncertainty_figure')
+def _uncertainty_figure(c, save):
+    save(c.uncertainty.uncertainty_figure(_uncertainty_table(c)))
+
+
+@draws('uncertainty.entropy_overlay')
+def _entropy_overlay(c, save):
+    image = c.image[0]
+    entropy = c.np.abs(c.np.gradient(c.label.astype(float))[0])
+    save(c.uncertainty.entropy_overlay(image, c.label, entropy).figure)
+
 def synthetic(modules: dict, tmp: Path) -> SimpleNamespace:
     "The modules, pyplot, and a tiny CT dataset with its fingerprint, plans and network."
     import matplotlib.pyplot as plt
