@@ -326,9 +326,9 @@ def add_predict_command(sub):
     pr.add_argument('--prev-stage-predictions', type=Path, default=None,
                     help="a cascade: a folder of the first stage's predictions (CASE.nii.gz) to use instead")
     pr.add_argument('--uncertainty', choices=METHODS, default=None,
-                    help='predict with an ensemble (the snapshots of a --cyclic run, the folds, or '
-                         'mirroring alone) and write entropy and mutual-information maps to '
-                         'OUTPUT/uncertainty/, scores to OUTPUT/uncertainty.json')
+                    help='predict with an ensemble (the snapshots of a --cyclic run, the folds, mirroring '
+                         'alone, or 8 Monte-Carlo dropout samples) and write entropy and mutual-information '
+                         'maps to OUTPUT/uncertainty/, scores to OUTPUT/uncertainty.json')
     pr.add_argument('--width', type=int, default=1,
                     help="--uncertainty: the boundary band's half-width in voxels (default 1)")
     pr.add_argument('-q', '--quiet', action='store_true')
