@@ -1,22 +1,13 @@
 """The 3D cascade through the command line: the first stage's folds hand their validation predictions on, the
 second stage trains on them as extra input channels and refuses to train without them, and predicts new images."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from nnunet_lite.data import make_synthetic_dataset, read_label
 from nnunet_lite.training import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=os.environ.copy(), timeout=600)
+from cli_runner import nnlite  # noqa: E402
 
 
 def test_cascade_end_to_end_through_the_cli(tmp_path):

@@ -2,28 +2,14 @@
 (refusing ensembles until the probabilities are there), predicting from its instructions, `ensemble`, and a model
 zipped and unpacked elsewhere."""
 import json
-import os
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
 from nnunet_lite.data import make_synthetic_dataset, read_image, read_label
 from nnunet_lite.ensembling import average_probabilities
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=os.environ.copy(), timeout=600)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
+from cli_runner import nnlite, ok  # noqa: E402
 
 
 def test_find_best_end_to_end_through_the_cli(tmp_path):

@@ -2,27 +2,13 @@
 a fold of 2d and of 3d_fullres (residual encoders), pick the best with `find-best`, predict new images with its
 instructions; nnU-Net v2's names on every file."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from nnunet_lite.data import make_synthetic_dataset, read_image, read_label
 from nnunet_lite.training import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=os.environ.copy(), timeout=600)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
+from cli_runner import nnlite, ok  # noqa: E402
 
 
 def test_resenc_m_train_and_predict_through_the_cli(tmp_path):

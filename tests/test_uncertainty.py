@@ -2,10 +2,6 @@
 the ensemble's segmentations, entropy and mutual-information maps on each input's grid and the scores, and on test
 images made noisy on purpose the score rises as Dice falls (a bounded CPU run: ~2 minutes on 2 cores)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -13,17 +9,7 @@ from scipy import stats
 from nnunet_lite.data import make_synthetic_dataset, read_image, read_label
 from nnunet_lite.uncertainty import make_corrupted_set, uncertainty_table
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=os.environ.copy(), timeout=900)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
+from cli_runner import nnlite, ok  # noqa: E402
 
 
 def test_snapshot_uncertainty_through_the_cli_ranks_noisy_cases(tmp_path):
