@@ -21,16 +21,18 @@ from tqdm.auto import tqdm
 from .data import (DatasetError, list_image_files, read_image, read_label, write_file, write_image,
                               write_json, write_label)
 from .evaluation import load_summary
-from .inference import Predictor, load_model, mirror_combinations, model_folds, sliding_window_predict
+from .inference import (Predictor, _probabilities, load_model, mirror_combinations, model_folds,
+                                   sliding_window_predict)
 from .preprocessing import resample_image, resampling_kwargs
 from .training import autocast
 
 # %% auto #0
 __all__ = ['METHODS', 'CORRUPTIONS', 'SCORES', 'entropy', 'binary_entropy', 'member_entropy', 'ensemble_maps',
            'foreground_contour', 'boundary_band', 'case_scores', 'Flipped', 'WithDropout', 'snapshot_names',
-           'member_checkpoints', 'load_members', 'member_probabilities', 'revert_map', 'UncertaintyPredictor',
-           'corrupt', 'make_corrupted_set', 'case_dice', 'uncertainty_table', 'auroc', 'risk_coverage', 'score_quality',
-           'score_vs_dice_figure', 'risk_coverage_figure', 'entropy_overlay', 'uncertainty_figure']
+           'member_checkpoints', 'load_members', 'member_probabilities', 'predicted_foreground', 'revert_map',
+           'UncertaintyPredictor', 'corrupt', 'make_corrupted_set', 'case_dice', 'uncertainty_table', 'auroc',
+           'risk_coverage', 'score_quality', 'score_vs_dice_figure', 'risk_coverage_figure', 'entropy_overlay',
+           'uncertainty_figure']
 
 # %% ../nbs/14_uncertainty.ipynb #2098284d
 def _tensor(x) -> torch.Tensor:
@@ -92,9 +94,7 @@ def case_scores(maps: dict, segmentation, any_member_foreground=None, width: int
         foreground = np.asarray(any_member_foreground)
     contour = int(foreground_contour(foreground).sum())
     band = boundary_band(foreground, width)
-    h = maps['entropy'].cpu().numpy() if torch.is_tensor(maps['entropy']) else np.asarray(maps['entropy'])
-    mi = maps['mutual_information']
-    mi = mi.cpu().numpy() if torch.is_tensor(mi) else np.asarray(mi)
+    h, mi = (np.asarray(_tensor(maps[k]).cpu()) for k in ('entropy', 'mutual_information'))
     roi = band | foreground
     return {'score': float(h[band].sum() / contour) if contour else 0.0,
             'mean_entropy': float(h[roi].mean()) if roi.any() else 0.0,
@@ -181,7 +181,11 @@ def member_probabilities(members: dict, data, patch_size, step: float = 0.5, reg
     for net, axes in zip(members['networks'], members['mirror_axes']):
         with autocast(torch.device(device or 'cpu'), amp_dtype):
             logits = sliding_window_predict(net, data, patch_size, step, axes, device=device)
-        yield torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
+        yield _probabilities(logits, regions)
+
+def predicted_foreground(p, regions: bool = False) -> torch.Tensor:
+    "Where probabilities (K, *spatial) say foreground: a region above 0.5, or an argmax not background."
+    return (p > 0.5).any(0) if regions else p.argmax(0) > 0
 
 # %% ../nbs/14_uncertainty.ipynb #1623c021
 def revert_map(volume, properties: dict, configuration: dict) -> np.ndarray:
@@ -196,7 +200,7 @@ def revert_map(volume, properties: dict, configuration: dict) -> np.ndarray:
 
 # %% ../nbs/14_uncertainty.ipynb #fc9f00c4
 class UncertaintyPredictor(Predictor):
-    """Predict with an ensemble of `method` ('snapshots', 'folds', 'tta'); write uncertainty maps and
+    """Predict with an ensemble of `method` (one of `METHODS`); write uncertainty maps and
     scores."""
     def __init__(self, model_dir, method: str = 'snapshots', folds=None, device=None, step: float = 0.5,
                  mirroring: bool = True, amp: bool = True, progress: bool = True, width: int = 1,
@@ -214,7 +218,7 @@ class UncertaintyPredictor(Predictor):
         def tracked(probabilities):
             nonlocal seen
             for p in probabilities:
-                fg = (p > 0.5).any(0) if self.regions is not None else p.argmax(0) > 0
+                fg = predicted_foreground(p, self.regions is not None)
                 seen = fg if seen is None else seen | fg
                 yield p
         regions = self.regions is not None
@@ -231,7 +235,7 @@ class UncertaintyPredictor(Predictor):
         mean = maps['probabilities'].clamp(1e-8, 1 - 1e-8)
         logits = mean.logit() if self.regions is not None else mean.log()
         label = self.export(logits, properties)
-        segmentation = ((mean > 0.5).any(0) if self.regions is not None else mean.argmax(0) > 0).cpu().numpy()
+        segmentation = predicted_foreground(mean, self.regions is not None).cpu().numpy()
         scores = case_scores(maps, segmentation, maps['any_member_foreground'].cpu().numpy(), self.width)
         out_file = Path(out_file)
         ending = self.dataset_json['file_ending']
