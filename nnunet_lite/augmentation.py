@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .viz import overlay_rgba
+
 # %% auto #0
-__all__ = ['AUGMENTATION_P', 'BINARY_OPERATORS', 'draw_mask', 'draw_uniform', 'draw_around_one', 'gaussian_noise',
+__all__ = ['AUGMENTATION_P', 'BINARY_OPERATORS', 'draw_mask', 'draw_uniform', 'draw_around_one', 'show_batch', 'gaussian_noise',
            'gaussian_kernels', 'blur_along', 'gaussian_blur', 'brightness', 'contrast', 'simulate_low_resolution',
            'gamma', 'mirror', 'rotation_matrix', 'draw_affines', 'sampling_grid', 'affine_sampling_grid', 'centre_crop',
            'resample_labels_by_class', 'resample_labels_linear', 'spatial_transform', 'mask_outside',
            'remove_outside_label', 'labels_to_regions', 'deep_supervision_scales', 'deep_supervision_targets',
-           'training_targets', 'augment_patches', 'augment_batch', 'applied_transforms', 'previous_stage_onehot',
-           'ball', 'dilate', 'erode', 'random_binary_operator', 'remove_random_component', 'with_previous_stage']
+           'training_targets', 'augment_patches', 'augment_batch', 'applied_transforms', 'show_augmented',
+           'previous_stage_onehot', 'ball', 'dilate', 'erode', 'random_binary_operator', 'remove_random_component',
+           'with_previous_stage']
 
 # %% ../nbs/06_augmentation.ipynb #d4780fcb
 def draw_mask(n, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -44,6 +48,28 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(*values.shape, *[1] * (like.ndim - values.ndim))
 
 def _spatial_dims(x: torch.Tensor) -> tuple[int, ...]: return tuple(range(2, x.ndim))
+
+# %% ../nbs/06_augmentation.ipynb #115767ac
+def _middle_slice(volume: torch.Tensor) -> np.ndarray:
+    "One channel of a sample as a 2D image: a 3D patch's middle slice along its first axis, a 2D patch as is."
+    volume = volume.detach().float().cpu()
+    return (volume[volume.shape[0] // 2] if volume.ndim == 3 else volume).numpy()
+
+def show_batch(before: torch.Tensor, after: torch.Tensor, titles=None, channel: int = 0, size: float = 2.4):
+    """A transform's effect, one column per sample: `before` (B, C, *spatial) above, `after` below (the middle
+    slice of `channel`, both on `before`'s grey scale), `after` titled with `titles` (e.g. what was drawn).
+    3D or 2D batches; returns the matplotlib Figure."""
+    n = len(after)
+    fig, axs = plt.subplots(2, n, figsize=(size * n, 2 * size + 0.3), squeeze=False)
+    lo, hi = before[:, channel].min().item(), before[:, channel].max().item()
+    for k in range(n):
+        below = titles[k] if titles is not None else ''
+        for row, (batch, title) in enumerate([(before, 'input'), (after, below)]):
+            axs[row, k].imshow(_middle_slice(batch[k, channel]), cmap='gray', vmin=lo, vmax=hi)
+            axs[row, k].set_title(title, fontsize=8)
+            axs[row, k].axis('off')
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/06_augmentation.ipynb #4f73471c
 def _selected(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -449,6 +475,37 @@ def applied_transforms(drawn: dict) -> list[list[str]]:
             done.append('flip ' + ''.join('zyx'[-len(flips):][a] for a in range(len(flips)) if flips[a]))
         out.append(done)
     return out
+
+# %% ../nbs/06_augmentation.ipynb #ca839d21
+def show_augmented(data: torch.Tensor, target, drawn: dict | None = None, titles=None, forced=None,
+                   channel: int = 0, n_labels: int | None = None, size: float = 2.1):
+    """An augmented batch, one column per sample: the middle slice of `data` (B, C, *patch) (its channel
+    `channel`) above, with the label below. `target` is the label (B, 1, *patch) or `augment_batch`'s list of
+    deep-supervision targets (the first is drawn); a region target (B, R, ...) shows in how many regions each
+    voxel lies. Titles: the sample's line of `titles`, 'foreground forced' where `forced` says so (those
+    columns are framed in red), then what `drawn` says was done (`applied_transforms`). Returns the Figure."""
+    n = len(data)
+    labels = target[0] if isinstance(target, (list, tuple)) else target
+    labels = labels[:, 0] if labels.shape[1] == 1 else labels.int().sum(1)
+    images = data[:, channel].detach().float().cpu()
+    lo, hi = np.percentile(images.numpy(), [0.5, 99.5])
+    done = applied_transforms(drawn) if drawn else [[] for _ in range(n)]
+    marks = [bool(forced is not None and forced[k]) for k in range(n)]
+    heads = [([str(titles[k])] if titles is not None else []) + (['foreground forced'] if marks[k] else [])
+             + (done[k] or ['nothing']) for k in range(n)]
+    lines = max(len(h) for h in heads)        # room for the longest title: 7 pt is about 0.12 inch a line
+    fig, axs = plt.subplots(2, n, figsize=(size * n, 2 * size + 0.12 * lines + 0.3), squeeze=False)
+    for k, (marked, head) in enumerate(zip(marks, heads)):
+        image = _middle_slice(images[k])
+        for ax in axs[:, k]:
+            ax.imshow(image, cmap='gray', vmin=lo, vmax=hi)
+            ax.set_xticks([]); ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(marked); spine.set_color('tab:red'); spine.set_linewidth(2.5)
+        axs[1, k].imshow(overlay_rgba(_middle_slice(labels[k]), n_labels=n_labels))
+        axs[0, k].set_title('\n'.join(head), fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/06_augmentation.ipynb #aa0bce89
 def previous_stage_onehot(prev: torch.Tensor, labels) -> torch.Tensor:

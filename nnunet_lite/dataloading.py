@@ -252,8 +252,8 @@ def _batch_seed(seed: int | tuple, index: int) -> int:
     return int(np.random.SeedSequence([*seed_words(seed), index, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 class TrainingBatches:
-    """Endless batches {'data', 'target', 'keys', 'drawn'} on `device`: read by threads, augmented there
-    (`augment=False`: validation, final-size patches with the targets only)."""
+    """Endless batches {'data', 'target', 'keys', 'forced', 'drawn'} on `device`: read by threads, augmented
+    there (`augment=False`: validation, final-size patches with the targets only)."""
 
     def __init__(self, dataset: PreprocessedDataset, settings: dict, device='cpu', seed: int | tuple = 0,
                  augment: bool = True, batch_size: int | None = None, threads: int = 2, prefetch: int = 4,
@@ -282,6 +282,7 @@ class TrainingBatches:
             if drawn is not None: drawn.update(cascade_drawn)
         target = training_targets(seg, self.ds_scales, s['regions'])
         self.index += 1
-        return {'data': data, 'target': target, 'keys': batch['keys'], 'drawn': drawn}
+        return {'data': data, 'target': target, 'keys': batch['keys'], 'forced': batch['forced'],
+                'drawn': drawn}
 
     def close(self): self.loader.close()

@@ -153,6 +153,43 @@ def _draw_network(c, save):
     save(c.network.draw_network(net, resenc['configurations']['3d_fullres']['patch_size']).figure)
 
 
+@draws('augmentation.show_batch')
+def _show_batch(c, save):
+    import torch
+    image = torch.from_numpy(c.image).float()[None].expand(3, -1, -1, -1, -1)       # (B, C, z, y, x)
+    noisy, drawn = c.augmentation.gaussian_noise(image, torch.Generator().manual_seed(0), p=1.0)
+    fig = c.augmentation.show_batch(image, noisy, [f"σ {s:.2f}" for s in drawn['sigma']])
+    assert len(fig.axes) == 2 * 3, f'show_batch drew {len(fig.axes)} axes for 3 samples, expected 6'
+    save(fig)
+    save(c.augmentation.show_batch(image[:, :, 0], noisy[:, :, 0]))               # a 2D batch, no titles
+
+
+@draws('augmentation.show_augmented')
+def _show_augmented(c, save):
+    import math
+    import torch
+    aug = c.augmentation
+    data = torch.from_numpy(c.image).float()[None].expand(3, -1, -1, -1, -1).clone()
+    seg = torch.from_numpy(c.label.astype(c.np.int16))[None, None].expand(3, -1, -1, -1, -1).clone()
+    out, target, drawn = aug.augment_batch(data, seg, (8, 16, 16), torch.Generator().manual_seed(0), math.radians(30),
+                                           ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]],
+                                           p=dict.fromkeys(aug.AUGMENTATION_P, 1.0))     # every transform
+    fig = aug.show_augmented(out, target, drawn, titles=['a', 'b', 'c'], forced=[False, False, True])
+    assert len(fig.axes) == 2 * 3, f'show_augmented drew {len(fig.axes)} axes for 3 samples, expected 6'
+    save(fig)
+    save(aug.show_augmented(out[:, :, 4], target[0][:, :, 4]))                       # 2D, nothing drawn
+    save(aug.show_augmented(out, torch.cat([target[0] > 0, target[0] > 1], 1)))        # a region target (B, 2, ...)
+    # a real batch of the training stream: read, augmented, the forced sample marked
+    folder = c.preprocessing.preprocess_dataset(c.raw, c.plan, '3d_fullres', c.tmp / 'pre_augmented', progress=False)
+    settings = c.dataloading.pipeline_settings(c.plan, '3d_fullres', c.dataset_json)
+    batches = c.dataloading.TrainingBatches(c.dataloading.PreprocessedDataset(folder), settings, seed=0, batch_size=3,
+                                            threads=1)
+    try: batch = next(batches)
+    finally: batches.close()
+    save(aug.show_augmented(batch['data'], batch['target'], batch['drawn'], titles=batch['keys'],
+                            forced=batch['forced']))
+
+
 @draws('training.progress_figure')
 def _progress_figure(c, save):
     log = [{'epoch': e, 'train_loss': 1.0 - 0.1 * e, 'val_loss': 1.1 - 0.1 * e, 'mean_fg_dice': 0.2 * e,
