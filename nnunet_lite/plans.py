@@ -461,6 +461,7 @@ def describe_plans(plans: dict):
 def plot_plan(plans: dict, size: float = 3.6):
     "Patch vs median image and the stage sizes of each configuration."
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     cfgs = [(n, c) for n, c in plans['configurations'].items() if 'patch_size' in c]
     fig, axs = plt.subplots(2, len(cfgs), figsize=(size * len(cfgs), size * 1.9), squeeze=False)
     for k, (name, c) in enumerate(cfgs):
@@ -484,6 +485,10 @@ def plot_plan(plans: dict, size: float = 3.6):
         for axis in range(sizes.shape[1]):
             ax.plot(range(len(sizes)), sizes[:, axis], 'o-', label='zyx'[axis - sizes.shape[1] + 3])
         ax.set_yscale('log', base=2); ax.set_xlabel('stage'); ax.set_ylabel('feature map edge (voxels)')
+        # plain numbers, not mathtext 2^k: matplotlib's mathtext parser is shared and not thread-safe, and a
+        # widget redrawing while the kernel renders another figure broke it ("Expected end of text, found '$'")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         for i, f in enumerate(feats):
             ax.annotate(str(f), (i, sizes[i].max()), textcoords='offset points', xytext=(0, 4), fontsize=7,
                         ha='center')

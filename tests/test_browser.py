@@ -34,6 +34,9 @@ def lab(tmp_path_factory):
     settings = root / '.lab-settings' / '@jupyterlab' / 'apputils-extension'   # no news or update pop-ups
     settings.mkdir(parents=True)
     (settings / 'notification.jupyterlab-settings').write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    notebook = settings.parent / 'notebook-extension'   # every cell in the page, not only those scrolled into view
+    notebook.mkdir()
+    (notebook / 'tracker.jupyterlab-settings').write_text('{"windowingMode": "none"}')
     env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(root / '.jupyter'), 'JUPYTERLAB_SETTINGS_DIR': str(root / '.lab-settings'),
            'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     server = subprocess.Popen(
@@ -57,25 +60,28 @@ def lab(tmp_path_factory):
 
 def run_notebook_in_lab(page, url, token, name, timeout_s=600):
     "Open a notebook in JupyterLab, run all its cells and wait until none is running or queued."
-    page.goto(f'{url}/lab/tree/{name}?token={token}')
+    page.goto(f'{url}/lab/tree/{name}?reset&token={token}')     # reset: a fresh workspace, only this notebook open
     page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=120_000)
     page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext"
                            " && window.jupyterapp.shell.currentWidget.sessionContext.session", timeout=120_000)
     page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus === 'idle'",
                            timeout=120_000)
+    page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()     # this notebook is the active one
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    page.wait_for_timeout(2000)
+    # done when every code cell of this notebook shows its execution count, [n]:
     page.wait_for_function(
-        "(() => { const p = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt')];"
-        " return p.length > 0 && p.every(e => !e.textContent.includes('*')) })()", timeout=timeout_s * 1000)
+        "(() => { const p = [...document.querySelectorAll("
+        "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')];"
+        " return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)) })()", timeout=timeout_s * 1000)
     errors = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"] pre:has-text("Traceback")')
     return errors.count()
 
 
 def move_slider_and_compare(page, description, keys, shot):
     "Press keys on the first slider labelled `description`; return the output image's src before and after."
-    slider = page.locator('.widget-slider', has=page.locator(f'label:text-is("{description}")')).first
+    panel = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)')
+    slider = panel.locator('.widget-slider', has=page.locator(f'label:text-is("{description}")')).first
     slider.scroll_into_view_if_needed()
     box = slider.locator('xpath=ancestor::div[contains(@class,"widget-vbox")][1]')
     image = box.locator('.widget-output img').first
@@ -88,7 +94,10 @@ def move_slider_and_compare(page, description, keys, shot):
     page.wait_for_function("([el, src]) => { const i = el.querySelector('.widget-output img');"
                            " return i && i.getAttribute('src') !== src }",
                            arg=[box.element_handle(), before], timeout=60_000)
-    page.wait_for_timeout(500)
+    page.wait_for_function("el => [...el.querySelectorAll('.widget-output img')].every(i => i.complete && i.naturalWidth)",
+                           arg=box.element_handle(), timeout=30_000)
+    page.wait_for_timeout(1000)
+    box.scroll_into_view_if_needed()
     box.screenshot(path=str(ARTIFACTS / f'{shot}_after.png'))
     return before, box.locator('.widget-output img').first.get_attribute('src')
 
@@ -104,7 +113,7 @@ def test_widget_in_jupyterlab(lab, name, description, keys):
     stem = name.removesuffix('.ipynb')
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox', '--disable-gpu'])
-        page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+        page = browser.new_page(viewport={'width': 1400, 'height': 1400})
         try:
             errors = run_notebook_in_lab(page, url, token, name)
             page.screenshot(path=str(ARTIFACTS / f'{stem}_ran.png'))
