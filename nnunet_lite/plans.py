@@ -486,7 +486,7 @@ def plot_plan(plans: dict, size: float = 3.6):
             ax.plot(range(len(sizes)), sizes[:, axis], 'o-', label='zyx'[axis - sizes.shape[1] + 3])
         ax.set_yscale('log', base=2); ax.set_xlabel('stage'); ax.set_ylabel('feature map edge (voxels)')
         # plain numbers, not mathtext 2^k: matplotlib's mathtext parser is shared and not thread-safe, and a
-        # widget redrawing while the kernel renders another figure broke it ("Expected end of text, found '$'")
+        # widget redrawing while the kernel renders another figure broke it ("Expected end of text")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
         ax.yaxis.set_minor_formatter(NullFormatter())
         for i, f in enumerate(feats):
