@@ -266,7 +266,7 @@ def execute_notebook(nb: dict, folder, timeout: int = 600) -> dict:
 
 @contextmanager
 def _inline_figures():
-    "Start kernels with the inline matplotlib backend (`MPLBACKEND=Agg` of a script or CI would hide figures)."
+    "Start kernels with the inline matplotlib backend (`MPLBACKEND=Agg` from a script or CI hides figures)."
     before = os.environ.get('MPLBACKEND')
     os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'
     try: yield
