@@ -28,6 +28,12 @@ probabilities; the work per iteration differs only in how batches are made and h
 `--fixed-batch` adds the step alone, on one batch reused (no loading, no augmentation: the reference's "GPU alone"
 figure); `--epoch` adds one whole epoch (250 training + 50 validation iterations by default).
 
+How close to the machine's limit: the FLOPs of one step are counted from the network's convolutions (forward and
+backward, torch's FlopCounterMode) and divided by each tool's seconds per iteration, then by the peak of the CPU
+(cores x clock x FLOPs per cycle of its widest float32 or bf16 unit: `common.cpu_peak_gflops`) or of the GPU (data
+sheet, `common.GPU_PEAK_TFLOPS`) for the precision each tool runs in. The peak is an estimate (turbo clocks, units per
+core); the fraction says how much of the step is convolution arithmetic at full speed.
+
 Run from the repository root: `python bench/training.py [--device cuda] [-np 2] [--iterations 20]`; on a GPU for the
 issue's epoch target: `python bench/training.py --device cuda -np 16 --cases 20 --shape 128,256,256
 --patch 128,128,128 --batch-size 2 --epoch --fixed-batch` (the plan's patch for that dataset is what the planner gives;
@@ -46,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from common import abba, precisions   # bench/common.py
+from common import abba, flops_line, machine_peak_gflops, precisions, step_flops   # bench/common.py
 from dataloading import build   # bench/dataloading.py: dataset, plans, our preprocessed folder and the reference's copy
 
 
@@ -132,6 +138,15 @@ def run_ours(pre: Path, args, results: Path) -> dict:
         train.close(); val.close()
 
 
+def network_step_flops(plans: dict, pre: Path, device: str) -> float:
+    "FLOPs of one training step of the 3d_fullres network with the plan's patch and batch (the same in both tools)."
+    from nnunet_lite.network import build_network
+    dataset_json = json.loads((pre / 'dataset.json').read_text())
+    cfg = plans['configurations']['3d_fullres']
+    network = build_network(plans, '3d_fullres', dataset_json).to(device)
+    return step_flops(network, len(dataset_json['channel_names']), cfg['patch_size'], cfg['batch_size'], device)
+
+
 def main(argv=None):
     args = parse_args(argv)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix='nnlite_bench_training_'))
@@ -149,6 +164,9 @@ def main(argv=None):
         print(f"plan: patch {cfg['patch_size']}, batch {cfg['batch_size']}, features "
               f"{cfg['architecture']['arch_kwargs']['features_per_stage']}; device {args.device}, {args.workers} reference "
               f"workers / our reading threads, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+        flops = network_step_flops(plans, pre, args.device)
+        print(f"one training step: {flops / 1e9:.1f} GFLOP in the network's convolutions (forward and backward, "
+              f"FlopCounterMode; the same network in both tools)")
         measure = lambda tool: (run_reference(pre, plans, args, root / 'results' / tool) if tool == 'reference'
                                 else run_ours(pre, args, root / 'results' / tool))
         results = abba(args.rounds, measure, lambda r: ', '.join(f"{v:7.3f} {k}" for k, v in r.items()))
@@ -158,6 +176,11 @@ def main(argv=None):
             for tool, values in (('reference', ref), ('nnunet_lite', ours_t)):
                 print(f"  {tool:26s} {statistics.mean(values):8.3f} {min(values):8.3f}")
             print(f"  ratio (reference / nnunet_lite): {statistics.mean(ref) / statistics.mean(ours_t):.2f}x")
+            if key != 's/epoch':
+                for tool, values, precision in (('reference', ref, reference_precision),
+                                                ('nnunet_lite', ours_t, ours_precision)):
+                    peak, how = machine_peak_gflops(args.device, precision)
+                    print(flops_line(f'{tool} ({precision})', flops, statistics.mean(values), peak) + f'  [{how}]')
     finally:
         if not args.out: shutil.rmtree(root, ignore_errors=True)
 
