@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 
 def nnlite(*args, cwd=None, timeout=300):
@@ -73,17 +72,6 @@ def test_demo_runs_and_writes_its_outputs(tmp_path):
     assert "foreground_mean" in json.loads((demo / "predictions" / "summary.json").read_text())
     for figure in ("case_000.png", "case_000_preprocessed.png", "training_progress.png", "test_000_prediction.png"):
         assert (demo / "figures" / figure).stat().st_size > 1000
-
-
-def test_bounded_demo_learns(tmp_path):
-    """A bounded demo (6 cases of 32x48x48, 20 x 12 iterations, 2 to 5 minutes on 2 cores): the Dice it prints on the
-    test images has a floor (measured: organ 0.80, vessel 0.84; the faint lesion needs a longer schedule)."""
-    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 6, "--shape", 32, 48, 48, "--epochs", 20, "--iters", 12, "-q",
-               timeout=1200)
-    assert r.returncode == 0, r.stdout + r.stderr
-    summary = json.loads((tmp_path / "demo" / "predictions" / "summary.json").read_text())
-    assert f"mean foreground Dice {summary['foreground_mean']['Dice']:.3f}" in r.stdout
-    assert summary["mean"]["1"]["Dice"] > 0.6 and summary["foreground_mean"]["Dice"] > 0.4, r.stdout[-2000:]
 
 
 def test_synth_is_deterministic_across_processes(tmp_path):
