@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import atomic_write
+from .data import atomic_write, read_json
 
 # %% auto #0
 __all__ = ['EXERCISE_MARK', 'cell_text', 'is_exercise_cell', 'Exercise', 'exercise_hint', 'exercise_functions', 'find_exercises',
@@ -115,11 +115,7 @@ def stub_source(source: str, only: str | None = None) -> str:
 # %% ../nbs/15_course.ipynb #7cc6429b
 def read_notebook(path) -> dict:
     "A notebook's JSON, or one line naming the file and the problem."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such notebook")
-    try: nb = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a notebook ({e})") from None
+    nb = read_json(path, 'notebook')
     if not isinstance(nb, dict) or not isinstance(nb.get('cells'), list):
         raise ValueError(f"{path}: not a notebook (no list of cells)")
     return nb
@@ -156,29 +152,31 @@ def notebook_title(nb: dict) -> str:
             return _heading(cell_text(cell))
     return ''
 
+def _exercise_rows(name: str, nb: dict) -> list[dict]:
+    return [dict(notebook=name, exercise=e.title, write=e.name, hint=e.hint)
+            for e in find_exercises(nb['cells'])[1]]
+
 def exercises_table(nbs_dir=None) -> pd.DataFrame:
     "One row per graded exercise of every stage notebook: notebook, title, the functions to write, the hint."
-    rows = [dict(notebook=path.name, exercise=e.title, write=e.name, hint=e.hint)
-            for path in stage_notebooks(nbs_dir) for e in find_exercises(read_notebook(path)['cells'])[1]]
+    rows = [row for p in stage_notebooks(nbs_dir) for row in _exercise_rows(p.name, read_notebook(p))]
     return pd.DataFrame(rows, columns=['notebook', 'exercise', 'write', 'hint'])
 
 # %% ../nbs/15_course.ipynb #31888855
 def write_student_notebooks(out_dir, nbs_dir=None) -> list[Path]:
     "Write the student version of every stage notebook into `out_dir`, and a README.md of the exercises."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, rows = [], []
     for path in stage_notebooks(nbs_dir):
-        student = student_notebook(read_notebook(path))
-        text = json.dumps(student, indent=1, ensure_ascii=False) + '\n'
+        source = read_notebook(path)
+        text = json.dumps(student_notebook(source), indent=1, ensure_ascii=False) + '\n'
         atomic_write(out_dir / path.name, lambda p: p.write_text(text, encoding='utf-8'))
-        written.append(out_dir / path.name)
-    table = exercises_table(nbs_dir)
+        written.append(out_dir / path.name); rows += _exercise_rows(path.name, source)
     lines = ['# Student notebooks', '',
              'Each exercise cell (`#| exercise`) raises `NotImplementedError` until you write its function; '
              'the cells under it test your answer. Grade a notebook with '
              '`nnlite course grade NOTEBOOK.ipynb`.', '',
              '| notebook | exercise | write | hint |', '|---|---|---|---|']
-    lines += [f"| `{r.notebook}` | {r.exercise} | `{r.write}` | {r.hint} |" for r in table.itertuples()]
+    lines += [f"| `{r['notebook']}` | {r['exercise']} | `{r['write']}` | {r['hint']} |" for r in rows]
     atomic_write(out_dir / 'README.md', lambda p: p.write_text('\n'.join(lines) + '\n', encoding='utf-8'))
     return written
 
@@ -261,18 +259,9 @@ def execute_notebook(nb: dict, folder, timeout: int = 600) -> dict:
     node = nbformat.reads(json.dumps(nb), as_version=4)      # sources as strings, as nbclient expects
     client = NotebookClient(node, timeout=timeout, kernel_name='python3', allow_errors=True,
                             resources={'metadata': {'path': str(folder)}})
-    with _inline_figures(): client.execute()
+    # the kernel draws inline even when this process runs under `MPLBACKEND=Agg` (a script, CI)
+    client.execute(env={**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'})
     return json.loads(nbformat.writes(node))
-
-@contextmanager
-def _inline_figures():
-    "Start kernels with the inline matplotlib backend (`MPLBACKEND=Agg` from a script or CI hides figures)."
-    before = os.environ.get('MPLBACKEND')
-    os.environ['MPLBACKEND'] = 'module://matplotlib_inline.backend_inline'
-    try: yield
-    finally:
-        if before is None: os.environ.pop('MPLBACKEND', None)
-        else: os.environ['MPLBACKEND'] = before
 
 # %% ../nbs/15_course.ipynb #be23edff
 def grade_executed(nb: dict, name: str = 'notebook') -> dict:

@@ -85,7 +85,7 @@ def test_grade_a_student_notebook_and_its_solution(tmp_path):
 def test_course_errors_are_one_line(tmp_path):
     broken = tmp_path / 'broken.ipynb'; broken.write_text('{"cells": [')
     result = nnlite('course', 'grade', str(broken))
-    assert result.returncode == 1 and result.stderr.startswith(f'nnlite: error: {broken}: not a notebook'), result.stderr
+    assert result.returncode == 1 and result.stderr.startswith(f'nnlite: error: {broken}: not valid JSON'), result.stderr
     plain = tmp_path / 'plain.ipynb'
     plain.write_text(json.dumps({'cells': [], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
     result = nnlite('course', 'grade', str(plain))
@@ -93,7 +93,7 @@ def test_course_errors_are_one_line(tmp_path):
     result = nnlite('course', 'student', str(tmp_path / 'out'), '--source', str(tmp_path / 'nowhere'))
     assert result.returncode == 1 and 'no numbered notebooks' in result.stderr, result.stderr
     result = nnlite('course', 'grade', str(tmp_path / 'missing.ipynb'))
-    assert result.returncode == 1 and 'no such notebook' in result.stderr, result.stderr
+    assert result.returncode == 1 and 'missing.ipynb: notebook not found' in result.stderr, result.stderr
 
 
 def test_site_pages_of_executed_notebooks(tmp_path):
