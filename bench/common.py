@@ -45,14 +45,6 @@ def step_flops(network, in_channels: int, patch, batch_size: int, device: str = 
     return float(counter.get_total_flops())
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return set(next(l for l in f if l.startswith('flags')).split(':', 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 def _cpu_mhz() -> float | None:
     "The CPU's maximum clock (lscpu's 'CPU max MHz'), else the clock /proc/cpuinfo reports."
     import subprocess
@@ -69,15 +61,18 @@ def _cpu_mhz() -> float | None:
 def cpu_peak_gflops(precision: str, threads: int) -> tuple[float | None, str]:
     """Peak GFLOP/s of `threads` cores of this CPU for `precision` ('float32' or a bf16 autocast), and how it was
     counted: cores x clock x FLOPs per cycle, taking two FMA units per core (FLOPs/cycle: AVX2 32, AVX-512 64 in
-    float32; AVX512-BF16 128 and AMX-BF16 1024 in bf16). An estimate: turbo clocks and units differ by model."""
-    flags, mhz = _cpu_flags(), _cpu_mhz()
+    float32; AVX512-BF16 128 and AMX-BF16 1024 in bf16). The units are the ones torch itself detects and dispatches
+    to (as `nnunet_lite.training.cpu_has_native_bf16` does). An estimate: turbo clocks and units differ by model."""
+    import torch
+    mhz = _cpu_mhz()
     if not mhz: return None, 'clock unknown'
     bf16 = 'bfloat16' in precision or 'bf16' in precision
-    if bf16 and 'amx_bf16' in flags: per_cycle, what = 1024, 'AMX-BF16 1024'
-    elif bf16 and 'avx512_bf16' in flags: per_cycle, what = 128, 'AVX512-BF16 128'
-    elif 'avx512f' in flags: per_cycle, what = 64, 'AVX-512 FMA 64'
-    elif 'avx2' in flags and 'fma' in flags: per_cycle, what = 32, 'AVX2 FMA 32'
-    else: per_cycle, what = 8, 'SSE 8'
+    vector = torch.backends.cpu.get_cpu_capability()        # 'AVX512', 'AVX2', 'DEFAULT', ...
+    if bf16 and torch.cpu._is_amx_tile_supported(): per_cycle, what = 1024, 'AMX-BF16 1024'
+    elif bf16 and torch.cpu._is_avx512_bf16_supported(): per_cycle, what = 128, 'AVX512-BF16 128'
+    elif vector.startswith('AVX512'): per_cycle, what = 64, 'AVX-512 FMA 64'
+    elif vector == 'AVX2': per_cycle, what = 32, 'AVX2 FMA 32'
+    else: per_cycle, what = 8, f'{vector} 8'
     return threads * mhz / 1000 * per_cycle, f'{threads} cores x {mhz / 1000:.2f} GHz x {what} FLOPs/cycle'
 
 
