@@ -94,7 +94,9 @@ def build(args, root: Path):
     make_synthetic_dataset(raw, 'ct', n_train=args.cases, n_test=0, shape=shape, workers=2, progress=False)
     dataset_json = read_dataset_json(raw)
     plans = plan_experiment(extract_fingerprint(raw, workers=2, progress=False), dataset_json, dataset_name=DATASET_NAME)
-    plans = plan_with_patch(plans, [int(p) for p in args.patch.split(',')], args.batch_size)
+    planned = plans['configurations']['3d_fullres']   # a missing --patch or --batch-size keeps the plan's own
+    patch = [int(p) for p in args.patch.split(',')] if args.patch else planned['patch_size']
+    plans = plan_with_patch(plans, patch, args.batch_size or planned['batch_size'])
     pre.mkdir(parents=True)
     save_plans(plans, pre / 'nnUNetPlans.json')
     shutil.copy(raw / 'dataset.json', pre / 'dataset.json')

@@ -631,7 +631,7 @@ def preprocessed_figure(folder, case_id: str):
     return fig
 
 # %% ../nbs/16_cli.ipynb #662babd5
-DEMO_DATASET = dict(kind='ct', shape=(32, 48, 48), n_train=12, n_test=3, spacing_jitter=0.1)
+DEMO_DATASET = dict(kind='ct', shape=(20, 28, 28), n_train=12, n_test=3, spacing_jitter=0.1)
 DEMO_SCHEDULE = dict(epochs=30, iterations=12, val_iterations=3)
 
 def add_demo_command(sub):
@@ -647,6 +647,7 @@ def add_demo_command(sub):
                    help=f"training iterations per epoch (default {DEMO_SCHEDULE['iterations']})")
     d.add_argument('--device', default=None, help='cuda, cpu, ... (default: cuda if there is one)')
     d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--no-amp', action='store_true', help='train and predict in float32 (no mixed precision)')
     d.add_argument(
         '-np', '--workers', type=int, default=1, help='worker processes for preprocessing (default 1)')
     d.add_argument('-q', '--quiet', action='store_true')
@@ -687,21 +688,21 @@ def cmd_demo(args) -> int:
         trainer = Trainer(preprocessed, '3d_fullres', fold, model_dir / f'fold_{fold}',
                           epochs=schedule['epochs'], iterations=schedule['iterations'],
                           val_iterations=schedule['val_iterations'], device=args.device, seed=args.seed,
-                          progress=not args.quiet)
+                          amp=not args.no_amp, progress=not args.quiet)
         trainer.fit(resume=True)   # a second demo run in the same folder continues (or reuses) the model
         validation = validate_fold(trainer)
-        last = trainer.log[-1]
+        last, precision = trainer.log[-1], str(trainer.amp_dtype or 'float32').removeprefix('torch.')
         print(
             f"  {len(trainer.train_cases)} training / {len(trainer.val_cases)} validation cases on"
-            f" {trainer.device}; last epoch: train loss {last['train_loss']:.3f}, validation pseudo Dice"
-            f" {last['mean_fg_dice']:.3f}"
+            f" {trainer.device} ({precision}); last epoch: train loss {last['train_loss']:.3f}, validation"
+            f" pseudo Dice {last['mean_fg_dice']:.3f}"
         )
         if validation:
             print(f"  validation cases predicted whole: mean foreground Dice "
                   f"{validation['foreground_mean']['Dice']:.3f}")
     predictions = out / 'predictions'
     with stage("predict the test images (sliding window, Gaussian weighting, mirroring)", 6, total):
-        predictor = Predictor(model_dir, device=args.device, progress=not args.quiet)
+        predictor = Predictor(model_dir, device=args.device, amp=not args.no_amp, progress=not args.quiet)
         written = predictor.predict_folder(raw / 'imagesTs', predictions, overwrite=True)
         print(f"  {len(written)} predictions in {predictions}")
     with stage("evaluate against the test labels", 7, total):

@@ -351,8 +351,12 @@ def next_stage_folder(model_dir, next_stage: str) -> Path:
     return Path(model_dir) / 'predicted_next_stage' / next_stage
 
 def cpu_has_native_bf16() -> bool:
-    "Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Then bf16 convolutions run 2-3x faster."
-    try: return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use those units? Then bf16
+    convolutions run 2-3x faster. `ATEN_CPU_CAPABILITY=avx2` (torch's own switch) says no: with
+    `ONEDNN_MAX_CPU_ISA=AVX2` beside it, a bf16 machine runs the float32 AVX2 path of most laptops."""
+    try:
+        if 'AVX512' not in torch.backends.cpu.get_cpu_capability(): return False
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError: return False
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:

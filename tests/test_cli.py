@@ -56,9 +56,11 @@ def test_synth_bad_arguments_are_one_line_errors(tmp_path):
 
 
 def test_demo_runs_and_writes_its_outputs(tmp_path):
-    "A tiny demo: every stage runs and writes its outputs (3 cases: fold 'all')."
-    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "--epochs", 2, "--iters", 2, "-q")
+    "A tiny demo: every stage runs and writes its outputs (3 cases: fold 'all'), in float32 with --no-amp."
+    r = nnlite("demo", "-o", tmp_path / "demo", "--cases", 3, "--shape", 16, 24, 24, "--epochs", 2, "--iters", 2,
+               "--no-amp", "-q")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "validation cases on cpu (float32)" in r.stdout, r.stdout
     for step in ("[1/8]", "[4/8] preprocess 3d_fullres", "[5/8] train fold all", "[6/8] predict", "[7/8] evaluate", "demo finished"):
         assert step in r.stdout, step
     demo = tmp_path / "demo"

@@ -67,6 +67,22 @@ def test_folder_resumes_and_refuses_bad_input(tmp_path):
         predictor.predict_folder(tmp_path / 'nowhere', tmp_path / 'out3')
 
 
+def test_export_runs_on_the_prediction_device(tmp_path, monkeypatch):
+    """The logits reach `revert` (resampling back to the input's grid, softmax, argmax) as a tensor on the
+    predictor's device, never copied to numpy first: on a GPU the export runs on the GPU. The device is a parameter,
+    so the same code path is tested here on the CPU."""
+    import nnunet_lite.inference as inference
+    raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
+    seen = []
+    def spy(logits, *args, **kwargs):
+        seen.append((type(logits), logits.device))
+        return revert(logits, *args, **kwargs)
+    monkeypatch.setattr(inference, 'revert', spy)
+    predictor = Predictor(model, device='cpu', progress=False)
+    assert len(predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out')) == 2
+    assert seen == [(torch.Tensor, predictor.device)] * 2
+
+
 def test_fold_ensemble_and_cli(tmp_path):
     raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
     fold_all = model / 'fold_all'
