@@ -12,6 +12,12 @@ for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 
 from nnunet_lite.data import make_synthetic_dataset  # noqa: E402
 
+# Under pytest-xdist (`-n 2`) the workers share the cores: each gets its share of torch threads instead of all of
+# them, so two workers running convolutions do not oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 SMALL = {
     "ct": dict(shape=(12, 20, 20)),
     "mr": dict(shape=(12, 20, 20)),
