@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from common import precisions   # bench/common.py
-from dataloading import build   # bench/dataloading.py: dataset, plans, our preprocessed folder and the reference's copy
+from training import build_for_trainers   # bench/training.py: the same data, plans and folders as its timing
 
 
 def parse_args(argv=None):
@@ -180,12 +180,8 @@ def main(argv=None):
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix='nnlite_bench_dice_'))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        pre, plans = build(args, root)
-        ours = pre / 'nnlite'   # a complete preprocessed folder for our Trainer: plans.json, dataset.json, 3d_fullres/
-        (ours / 'plans.json').write_text(json.dumps(plans))
-        shutil.copy(pre / 'dataset.json', ours / 'dataset.json')
-        if not (pre / 'dataset_fingerprint.json').exists():   # the reference's trainer copies it to its results folder
-            (pre / 'dataset_fingerprint.json').write_text('{}')
+        pre, plans = build_for_trainers(args, root)
+        ours = pre / 'nnlite'
         from nnunet_lite.preprocessing import preprocessed_cases
         from nnunet_lite.training import fold_cases, load_or_make_splits
         case_ids = preprocessed_cases(ours / '3d_fullres')

@@ -147,17 +147,24 @@ def network_step_flops(plans: dict, pre: Path, device: str) -> float:
     return step_flops(network, len(dataset_json['channel_names']), cfg['patch_size'], cfg['batch_size'], device)
 
 
+def build_for_trainers(args, root: Path) -> tuple[Path, dict]:
+    """`build`'s data, plus what each trainer reads beside it: our complete preprocessed folder (plans.json,
+    dataset.json, 3d_fullres/) and a fingerprint file for the reference's trainer, which copies it to its results."""
+    pre, plans = build(args, root)
+    ours = pre / 'nnlite'
+    (ours / 'plans.json').write_text(json.dumps(plans))
+    shutil.copy(pre / 'dataset.json', ours / 'dataset.json')
+    if not (pre / 'dataset_fingerprint.json').exists():
+        (pre / 'dataset_fingerprint.json').write_text('{}')
+    return pre, plans
+
+
 def main(argv=None):
     args = parse_args(argv)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix='nnlite_bench_training_'))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        pre, plans = build(args, root)
-        ours = pre / 'nnlite'   # a complete preprocessed folder for our Trainer: plans.json, dataset.json, 3d_fullres/
-        (ours / 'plans.json').write_text(json.dumps(plans))
-        shutil.copy(pre / 'dataset.json', ours / 'dataset.json')
-        if not (pre / 'dataset_fingerprint.json').exists():   # the reference's trainer copies it to its results folder
-            (pre / 'dataset_fingerprint.json').write_text('{}')
+        pre, plans = build_for_trainers(args, root)
         cfg = plans['configurations']['3d_fullres']
         reference_precision, ours_precision = precisions(args.device, args.no_amp)
         print(f"precision: reference {reference_precision}, nnunet_lite {ours_precision}")

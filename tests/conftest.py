@@ -13,10 +13,13 @@ for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 from nnunet_lite.data import make_synthetic_dataset  # noqa: E402
 
 # Under pytest-xdist (`-n 2`) the workers share the cores: each gets its share of torch threads instead of all of
-# them, so two workers running convolutions do not oversubscribe the CPU.
+# them, and so do the `nnlite` processes its tests start (OMP_NUM_THREADS, inherited). Oversubscribed, OpenMP's
+# spinning threads made two CLI tests running side by side 4-5x slower than alone.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 SMALL = {
     "ct": dict(shape=(12, 20, 20)),

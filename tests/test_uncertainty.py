@@ -13,7 +13,7 @@ from cli_runner import nnlite, ok  # noqa: E402
 
 
 def test_snapshot_uncertainty_through_the_cli_ranks_noisy_cases(tmp_path):
-    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=8, n_test=2, n_classes=2, shape=(24, 40, 40),
+    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=8, n_test=2, n_classes=2, shape=(20, 32, 32),
                                  progress=False)
     pre = tmp_path / 'pre'
     ok(nnlite('plan', raw, '-o', pre, '-q'))
