@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 
-
 def nnlite(*args, cwd=None, timeout=300):
     "The command in a subprocess; `timeout` guards against a hang, it is not a speed requirement."
     return subprocess.run([sys.executable, "-m", "nnunet_lite.cli", *map(str, args)],
