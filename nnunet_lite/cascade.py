@@ -10,15 +10,24 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .data import foreground_labels, read_json
-from .plans import load_plans
+from .augmentation import previous_stage_onehot, with_previous_stage
+from .data import read_json
+from .dataloading import load_previous_stage
 from .evaluation import validate_fold
-from .preprocessing import configuration_of, load_preprocessed_case, preprocessed_folder_name
+from .inference import Predictor, cascade_input, predict_validation_cases
+from .plans import Configuration, load_plans, plan_lowres
+from .preprocessing import load_preprocessed_case, next_stage_segmentation
 from .training import Trainer, default_model_dir, next_stage_folder
 from .viz import show_slice
 
+# the cascade's pieces, taught where their stage is, importable from here as one interface
+_all_ = ['plan_lowres', 'Configuration', 'previous_stage_onehot', 'with_previous_stage', 'load_previous_stage',
+         'next_stage_segmentation', 'cascade_input', 'predict_validation_cases', 'Predictor']
+
 # %% auto #0
-__all__ = ['cascade_stages', 'train_cascade', 'cascade_input_figure']
+__all__ = ['cascade_stages', 'train_cascade', 'cascade_input_figure', 'plan_lowres', 'Configuration', 'previous_stage_onehot',
+           'with_previous_stage', 'load_previous_stage', 'next_stage_segmentation', 'cascade_input',
+           'predict_validation_cases', 'Predictor']
 
 # %% ../nbs/13_cascade.ipynb #b08ed8d8
 def cascade_stages(plans: dict) -> tuple[str, str]:
@@ -50,14 +59,14 @@ def cascade_input_figure(preprocessed_dir, case_id: str, previous_predictions=No
     plans = load_plans(Path(preprocessed_dir) / 'plans.json')
     dataset_json = read_json(Path(preprocessed_dir) / 'dataset.json')
     first, second = cascade_stages(plans)
-    folder = Path(preprocessed_dir) / preprocessed_folder_name(plans, second)
+    config = Configuration.from_plans(plans, second, dataset_json)
+    folder = Path(preprocessed_dir) / config.preprocessed_folder
     data, seg, props = load_preprocessed_case(folder, case_id)
     default = next_stage_folder(default_model_dir(preprocessed_dir, first), second)
     previous = Path(previous_predictions) if previous_predictions else default
     prev = np.load(previous / f'{case_id}.npy')
-    labels, z = foreground_labels(dataset_json), data.shape[1] // 2
+    labels, z, spacing = config.cascade_labels, data.shape[1] // 2, config.spacing
     fig, axs = plt.subplots(1, 2 + len(labels), figsize=(3.4 * (2 + len(labels)), 3.6))
-    spacing = configuration_of(plans, second)['spacing']
     show_slice(axs[0], np.asarray(data[0]), np.maximum(np.asarray(seg[0]), 0), index=z, spacing=spacing,
                title=f'{case_id}: image, labels')
     show_slice(axs[1], np.asarray(data[0]), prev, index=z, spacing=spacing, title=f'{first} prediction')

@@ -346,8 +346,8 @@ def cmd_predict(args) -> int:
                           fold_merge=args.fold_merge, amp=not args.no_amp, progress=not args.quiet,
                           previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
     print(
-        f"model {args.model}: {predictor.configuration}, folds"
-        f" {', '.join(map(str, predictor.model['folds']))}, patch {predictor.patch_size}, step {args.step},"
+        f"model {args.model}: {predictor.config.name}, folds"
+        f" {', '.join(map(str, predictor.folds))}, patch {list(predictor.config.patch_size)}, step {args.step},"
         f" mirror axes {list(predictor.mirror_axes) or 'none'}, on {predictor.device}"
     )
     t0 = time.perf_counter()
@@ -370,7 +370,7 @@ def predict_uncertainty(args) -> int:
         mirroring=not args.no_mirroring, amp=not args.no_amp, progress=not args.quiet, width=args.width,
         previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
     names = predictor.members['names']
-    print(f"model {args.model}: {predictor.configuration}, {args.uncertainty}: {len(names)} members "
+    print(f"model {args.model}: {predictor.config.name}, {args.uncertainty}: {len(names)} members "
           f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), on {predictor.device}")
     t0 = time.perf_counter()
     scores = predictor.predict_folder_with_uncertainty(args.input, args.output)

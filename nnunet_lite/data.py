@@ -28,8 +28,8 @@ __all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'REQUIRED_DATASET_KEY
            'label_from_key', 'read_dataset_json', 'write_dataset_json', 'list_image_files', 'training_cases',
            'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid', 'smooth_field', 'random_rotation',
            'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label', 'synthetic_intensities',
-           'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite', 'case_problems',
-           'check_dataset', 'verify_dataset']
+           'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite', 'grid_problem',
+           'case_problems', 'check_dataset', 'verify_dataset']
 
 # %% ../nbs/00_data.ipynb #6f49541c
 class DatasetError(ValueError):
@@ -689,7 +689,7 @@ def _describe(g: Geometry, ref: Geometry, fields) -> str:
     fmt = lambda v: '(' + ', '.join(f'{x:g}' for x in v) + ')'
     return '; '.join(f"{f} {fmt(getattr(g, f))} vs {fmt(getattr(ref, f))}" for f in fields)
 
-def _grid_problem(f, shape, g, f0, shape0, g0, what='') -> Problem | None:
+def grid_problem(f, shape, g, f0, shape0, g0, what='') -> Problem | None:
     "A problem when file `f` is not on the grid of reference file `f0`, else None."
     if shape != shape0: return Problem(str(f), f"shape {shape} differs from {what}{Path(f0).name} {shape0}")
     if bad := g.same_grid(g0):
@@ -720,7 +720,7 @@ def case_problems(image_files: list, label_file=None, n_channels: int = 1, allow
     if read:
         f0, a0, g0 = read[0]
         problems += [
-            p for f, a, g in read[1:] if (p := _grid_problem(f, a.shape[1:], g, f0, a0.shape[1:], g0))]
+            p for f, a, g in read[1:] if (p := grid_problem(f, a.shape[1:], g, f0, a0.shape[1:], g0))]
     if label_file is None: return problems, set()
     try: lab, lg = read_label(label_file)
     except DatasetError as e: return problems + [Problem(str(label_file), str(e).split(': ', 1)[-1])], None
@@ -732,7 +732,7 @@ def case_problems(image_files: list, label_file=None, n_channels: int = 1, allow
             Problem(str(label_file),
                     f"label values {undeclared} are not in dataset.json labels {sorted(allowed)}")
         )
-    if read and (p := _grid_problem(label_file, lab.shape, lg, f0, a0.shape[1:], g0, 'image ')):
+    if read and (p := grid_problem(label_file, lab.shape, lg, f0, a0.shape[1:], g0, 'image ')):
         problems.append(p)
     return problems, found
 

@@ -16,9 +16,9 @@ import torch
 
 from .augmentation import (augment_patches, deep_supervision_scales, rotation_matrix,
                                       training_targets, with_previous_stage)
-from .data import DatasetError, foreground_labels, foreground_regions
-from .preprocessing import (ANISOTROPY_THRESHOLD, configuration_of, load_preprocessed_case,
-                                       preprocessed_cases)
+from .data import DatasetError, foreground_regions
+from .plans import ANISOTROPY_THRESHOLD, Configuration
+from .preprocessing import load_preprocessed_case, preprocessed_cases
 
 # %% auto #0
 __all__ = ['SCALE_FOR_CONTEXT', 'OVERSAMPLE_FOREGROUND', 'augmentation_geometry', 'source_patch_size', 'forced_foreground',
@@ -30,16 +30,15 @@ __all__ = ['SCALE_FOR_CONTEXT', 'OVERSAMPLE_FOREGROUND', 'augmentation_geometry'
 SCALE_FOR_CONTEXT = 0.85   # the reference divides by this, not by the scaling range's minimum (0.7)
 
 def augmentation_geometry(patch_size) -> dict:
-    """Rotation range (radians), dummy-2D flag and mirror axes for a patch, as nnU-Net v2 chooses them:
-    2D: ±180° (±15° for elongated patches); 3D: ±30°, or ±180° in-plane when the patch is anisotropic."""
+    """Rotation range (radians) and dummy-2D flag for a patch, as nnU-Net v2 chooses them: 2D: ±180° (±15° for
+    elongated patches); 3D: ±30°, or ±180° in-plane when the patch is anisotropic."""
     patch_size = [int(p) for p in patch_size]
     if len(patch_size) == 2:
         degrees, dummy_2d = (15 if max(patch_size) / min(patch_size) > 1.5 else 180), False
     else:
         dummy_2d = max(patch_size) / patch_size[0] > ANISOTROPY_THRESHOLD
         degrees = 180 if dummy_2d else 30
-    return {'rotation': math.radians(degrees), 'dummy_2d': dummy_2d,
-            'mirror_axes': tuple(range(len(patch_size)))}
+    return {'rotation': math.radians(degrees), 'dummy_2d': dummy_2d}
 
 def source_patch_size(patch_size, rotation: float, dummy_2d: bool = False) -> list[int]:
     """The enlarged patch to cut so that rotation by up to
@@ -234,19 +233,19 @@ def training_regions(dataset_json: dict) -> list[tuple] | None:
     labels = dataset_json['labels']
     return regions + [(int(labels['ignore']),)] if 'ignore' in labels else regions
 
-def pipeline_settings(plans: dict, configuration: str, dataset_json: dict) -> dict:
-    "Everything the loader and the augmentation need for a configuration of the plans."
-    cfg = configuration_of(plans, configuration)
-    patch = [int(p) for p in cfg['patch_size']]
+def pipeline_settings(config: Configuration, dataset_json: dict) -> dict:
+    """Everything the loader and the augmentation need of a configuration: its patch, batch, mirror axes and
+    cascade channels, and what follows from them (rotation, source patch, deep-supervision scales)."""
+    patch = list(config.patch_size)
     geometry = augmentation_geometry(patch)
     return {
         'patch_size': patch,
         'source_patch_size': source_patch_size(patch, geometry['rotation'], geometry['dummy_2d']),
-        'batch_size': int(cfg['batch_size']), **geometry,
-        'mask_channels': [i for i, m in enumerate(cfg['use_mask_for_norm']) if m],
-        'ds_scales': deep_supervision_scales(cfg['architecture']['arch_kwargs']['strides']),
+        'batch_size': config.batch_size, **geometry, 'mirror_axes': config.mirror_axes,
+        'mask_channels': [i for i, m in enumerate(config.use_mask_for_norm) if m],
+        'ds_scales': deep_supervision_scales(config.strides),
         'regions': training_regions(dataset_json),
-        'cascade_labels': foreground_labels(dataset_json) if cfg.get('previous_stage') else None}
+        'cascade_labels': list(config.cascade_labels) if config.cascade_labels else None}
 
 def _batch_seed(seed: int | tuple, index: int) -> int:
     return int(np.random.SeedSequence([*seed_words(seed), index, 1]).generate_state(1, np.uint64)[0] >> 1)

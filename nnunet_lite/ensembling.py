@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .data import (DatasetError, atomic_write, atomic_write_text, foreground_regions, read_dataset_json,
@@ -22,6 +23,7 @@ from .data import (DatasetError, atomic_write, atomic_write_text, foreground_reg
 from .evaluation import evaluate_folder, label_files, load_summary
 from .inference import Predictor, write_prediction
 from .postprocessing import determine_postprocessing, postprocess_folder
+from .preprocessing import segmentation_from_probabilities
 
 # %% auto #0
 __all__ = ['CONFIGURATION_ORDER', 'read_probabilities', 'average_probabilities', 'probabilities_to_segmentation',
@@ -52,12 +54,10 @@ def average_probabilities(files) -> np.ndarray:
     return total / len(files)
 
 def probabilities_to_segmentation(probabilities: np.ndarray, dataset_json: dict) -> np.ndarray:
-    "A label map from probabilities (K, *spatial): argmax, or each region above 0.5 in `regions_class_order`."
-    if foreground_regions(dataset_json) is None:
-        labels = probabilities.argmax(0)
-    else:
-        labels = np.zeros(probabilities.shape[1:], np.int32)
-        for p, label in zip(probabilities, dataset_json['regions_class_order']): labels[p > 0.5] = label
+    """A label map (uint8, or uint16 past 254) from probabilities (K, *spatial): argmax, or each region above
+    0.5 in `regions_class_order` (`segmentation_from_probabilities`, `04_preprocessing`)."""
+    order = dataset_json['regions_class_order'] if foreground_regions(dataset_json) is not None else None
+    labels = segmentation_from_probabilities(torch.from_numpy(probabilities), order, torch.int32).numpy()
     return labels.astype(np.uint8 if labels.max(initial=0) < 255 else np.uint16)
 
 # %% ../nbs/12_ensembling.ipynb #6d2e3469

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import (DatasetError, foreground_regions, label_from_key, label_key, read_dataset_json,
                               read_json, read_label, write_json)
+from .inference import predict_validation_cases
 
 # %% auto #0
 __all__ = ['METRICS', 'evaluation_classes', 'case_metrics', 'summarise', 'save_summary', 'load_summary', 'resolve_dataset_json',
@@ -166,7 +167,6 @@ def validate_fold(trainer, redo: bool = False, save_probabilities: bool = False)
     (the summary is read back) when `fit` trained nothing now and the summary is newer than checkpoint_final,
     unless `redo` or probabilities are asked for and missing. None on ranks other than 0, without validation
     cases, or without `gt_segmentations/` beside the plans."""
-    from nnunet_lite.inference import predict_validation_cases   # here: evaluating a folder needs no torch
     if trainer.trained_now is None:
         raise ValueError("validate_fold needs a fitted trainer: call fit() first (fit(resume=True) loads a "
                          "finished run)")

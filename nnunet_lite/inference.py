@@ -14,15 +14,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .augmentation import previous_stage_onehot
 from .data import (NOMINAL_2D_SPACING, DatasetError, Geometry, atomic_write, file_ending_of,
-                              foreground_labels, foreground_regions, list_image_files, read_json, read_label,
-                              write_json, write_label)
+                              foreground_regions, list_image_files, read_json, read_label, write_json,
+                              write_label)
 from .dataloading import load_previous_stage
-from .network import build_network, has_residual_encoder, load_reference_weights, n_outputs
-from .preprocessing import (configuration_of, load_preprocessed_case, new_shape_for,
+from .network import build_network, load_reference_weights, n_outputs
+from .plans import Configuration
+from .preprocessing import (load_preprocessed_case, logits_to_probabilities, new_shape_for,
                                        next_stage_segmentation, preprocess_arrays, read_case, revert,
                                        target_spacing_for)
 from .training import amp_dtype, autocast, default_device, load_checkpoint, next_stage_folder
@@ -31,7 +33,7 @@ from .training import amp_dtype, autocast, default_device, load_checkpoint, next
 __all__ = ['WEIGHTINGS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices', 'mirror_combinations',
            'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
            'write_prediction', 'image_size', 'prediction_memory', 'available_memory', 'check_memory', 'Predictor',
-           'predict_validation_cases']
+           'fold_predictor', 'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
 def sliding_window_steps(image_size, patch_size, step: float = 0.5) -> list[list[int]]:
@@ -156,29 +158,28 @@ def model_folds(model_dir, checkpoint: str = 'checkpoint_final.pth') -> list:
 
 def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', device='cpu') -> dict:
     """The networks of a model folder's folds (eval mode, on `device`) with the plans, dataset.json,
-    configuration and mirror axes they were trained with."""
+    configuration (`config`, resolved) and mirror axes they were trained with."""
     model_dir = Path(model_dir)
     hint = 'a model folder holds plans.json, dataset.json and fold_*/'
     plans, dataset_json = (read_json(model_dir / name, hint=hint) for name in ('plans.json', 'dataset.json'))
     folds = model_folds(model_dir, checkpoint) if folds is None else list(folds)
     if not folds:
         raise FileNotFoundError(f"{model_dir}: no fold_*/{checkpoint} (train a fold first: nnlite train)")
-    networks, configuration, mirror_axes = [], None, None
+    networks, config, mirror_axes = [], None, None
     for fold in folds:
         ckpt = load_checkpoint(model_dir / f'fold_{fold}' / checkpoint)
         name = ckpt['init_args']['configuration']
-        if configuration not in (None, name):
-            raise ValueError(f"{model_dir}: folds of different configurations ({configuration}, {name})")
-        configuration, mirror_axes = name, tuple(ckpt.get('inference_allowed_mirroring_axes') or ())
-        architecture = configuration_of(plans, name)['architecture']
-        try: has_residual_encoder(architecture)
+        if config is not None and config.name != name:
+            raise ValueError(f"{model_dir}: folds of different configurations ({config.name}, {name})")
+        config = config or Configuration.from_plans(plans, name, dataset_json)
+        mirror_axes = tuple(ckpt.get('inference_allowed_mirroring_axes') or ())
+        try: net = build_network(config, dataset_json, deep_supervision=False, initialise=False)
         except ValueError as e: raise ValueError(f"{model_dir / 'plans.json'}: {name}: {e}") from None
-        net = build_network(plans, name, dataset_json, deep_supervision=False, initialise=False)
         networks.append(load_reference_weights(net, ckpt['network_weights']).to(device).eval())
     return {'networks': networks, 'folds': folds, 'plans': plans, 'dataset_json': dataset_json,
-            'configuration': configuration, 'mirror_axes': mirror_axes}
+            'config': config, 'mirror_axes': mirror_axes}
 
-# %% ../nbs/09_inference.ipynb #9181e66d
+# %% ../nbs/09_inference.ipynb #0a03dd83
 def cascade_input(data, previous, labels) -> torch.Tensor:
     """A preprocessed image (C, *S) with the previous stage's label map (*S) on the same grid appended as one
     channel per foreground label (C + n, *S); -1 (outside the body) and background are 0 everywhere."""
@@ -186,6 +187,7 @@ def cascade_input(data, previous, labels) -> torch.Tensor:
     previous = torch.as_tensor(np.asarray(previous).astype(np.int16))[None, None]
     return torch.cat([data, previous_stage_onehot(previous, labels)[0].to(data.device)], 0)
 
+# %% ../nbs/09_inference.ipynb #2ac165ea
 def probabilities_file(label_file) -> Path:
     "CASE.npz beside a prediction CASE<file ending>: where its probabilities go."
     label_file = Path(label_file)
@@ -203,6 +205,7 @@ def write_prediction(label, geometry: Geometry, out_file, probabilities=None) ->
                                                      spacing=np.asarray(geometry.spacing)))
     return write_label(label, geometry, out_file)
 
+# %% ../nbs/09_inference.ipynb #992405aa
 def image_size(path) -> tuple[list[int], list[float]]:
     "(shape (z, y, x), spacing) of an image file from its header, without reading its voxels."
     reader = sitk.ImageFileReader()
@@ -213,14 +216,14 @@ def image_size(path) -> tuple[list[int], list[float]]:
     if len(shape) == 2: return [1] + shape, [NOMINAL_2D_SPACING * max(spacing)] + spacing
     return shape, spacing
 
-def prediction_memory(shape, spacing, plans: dict, configuration: str, n_channels: int, n_outputs: int,
-                      device) -> dict:
+# %% ../nbs/09_inference.ipynb #cf7bdf8d
+def prediction_memory(shape, spacing, config: Configuration, n_channels: int, n_outputs: int, device) -> dict:
     """Bytes predicting a case of `shape` at `spacing` takes, roughly, in RAM and on a CUDA device: the image
     and its resampled copy, the logits and their sums on the network's grid, the logits and probabilities
     resampled back to the image's grid (on the device where prediction runs) and the label map."""
-    order = plans['transpose_forward']
+    order = config.transpose_forward
     t_shape, t_spacing = [shape[a] for a in order], [spacing[a] for a in order]
-    target = target_spacing_for(configuration_of(plans, configuration), t_spacing)
+    target = target_spacing_for(config, t_spacing)
     n, n_net = math.prod(shape), math.prod(new_shape_for(t_shape, t_spacing, target))
     images, back = 4 * n_channels * (n + n_net), 8 * n_outputs * n
     if torch.device(device).type == 'cuda':
@@ -245,170 +248,198 @@ def check_memory(path, need: dict, free: dict):
             raise DatasetError(f"{path}: predicting it needs about {need[where] / 1e9:.1f} GB of {what}, "
                                f"{free[where] / 1e9:.1f} GB are free")
 
+# %% ../nbs/09_inference.ipynb #2131fad0
 class Predictor:
-    """Predict images with the folds of a trained model folder. The second stage of a cascade needs the first
-    stage's segmentation of each image: from its model folder `previous_stage` (default: the sibling model
-    folder of the plans' `previous_stage`), predicted first, or from a folder of its predictions
-    `previous_predictions` (CASE<file ending>)."""
+    """Predict images with the networks of one configuration: the folds of a trained model folder
+    (`Predictor(model_dir)`), or networks in memory (`Predictor.from_networks`). The second stage of a cascade
+    needs the first stage's segmentation of each image: from its model folder `previous_stage` (default: the
+    sibling model folder of the plans' `previous_stage`), predicted first, or from a folder of its
+    predictions `previous_predictions` (CASE<file ending>)."""
     def __init__(self, model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', device=None,
                  step: float = 0.5, mirroring: bool = True, weighting: str = 'gaussian',
                  fold_merge: str = 'logits', amp: bool = True, progress: bool = True, previous_stage=None,
                  previous_predictions=None):
+        device = torch.device(device or default_device())
+        model = load_model(model_dir, folds, checkpoint, device)
+        mirror_axes = model['mirror_axes'] if mirroring else ()
+        self._set_up(model['networks'], model['config'], model['dataset_json'], mirror_axes, device, step,
+                     weighting, fold_merge, amp, progress)
+        self.model_dir, self.plans, self.folds = Path(model_dir), model['plans'], model['folds']
+        if self.config.previous_stage is None: return
+        if previous_predictions is not None:
+            self.previous_predictions = Path(previous_predictions)
+            return
+        stage = self.config.previous_stage
+        first = Path(previous_stage) if previous_stage else self.model_dir.parent / stage
+        if not (first / 'plans.json').is_file():
+            raise FileNotFoundError(
+                f"{first}: no model folder of {stage}, the first stage this cascade needs; give it "
+                f"(--prev-stage) or its predictions (--prev-stage-predictions)")
+        self.previous = Predictor(first, None, checkpoint, device, step, mirroring, weighting, fold_merge, amp,
+                                  progress=False)
+
+    @classmethod
+    def from_networks(cls, networks, config: Configuration, dataset_json: dict, mirror_axes=(), device=None,
+                      step: float = 0.5, weighting: str = 'gaussian', fold_merge: str = 'logits',
+                      amp: bool = True, progress: bool = False) -> 'Predictor':
+        "A Predictor over networks in memory (in eval mode, on `device`) of configuration `config`."
+        predictor = cls.__new__(cls)
+        predictor._set_up(list(networks), config, dataset_json, tuple(mirror_axes),
+                          torch.device(device or default_device()), step, weighting, fold_merge, amp, progress)
+        predictor.model_dir, predictor.plans, predictor.folds = None, None, None
+        return predictor
+
+    def _set_up(self, networks, config, dataset_json, mirror_axes, device, step, weighting, fold_merge, amp,
+                progress):
         if fold_merge not in ('logits', 'softmax'):
             raise ValueError(f"fold_merge must be 'logits' or 'softmax', not {fold_merge!r}")
-        self.device = torch.device(device or default_device())
-        self.model = load_model(model_dir, folds, checkpoint, self.device)
-        self.model_dir, self.plans, self.dataset_json = (Path(model_dir), self.model['plans'],
-                                                         self.model['dataset_json'])
-        self.configuration = self.model['configuration']
-        self.config = configuration_of(self.plans, self.configuration)
-        self.patch_size, self.step, self.weighting, self.fold_merge = (self.config['patch_size'], step,
-                                                                       weighting, fold_merge)
-        self.mirror_axes = self.model['mirror_axes'] if mirroring else ()
-        self.regions = foreground_regions(self.dataset_json)
-        self.n_outputs, self.progress = n_outputs(self.dataset_json), progress
-        self.amp_dtype = amp_dtype(self.device) if amp else None
-        cascade = self.config.get('previous_stage') is not None
-        self.cascade_labels = foreground_labels(self.dataset_json) if cascade else None
+        self.networks, self.config, self.dataset_json = networks, config, dataset_json
+        self.device, self.step, self.weighting, self.fold_merge = device, step, weighting, fold_merge
+        self.mirror_axes, self.progress = tuple(mirror_axes), progress
+        self.regions = foreground_regions(dataset_json)
+        self.regions_class_order = dataset_json.get('regions_class_order') if self.regions is not None else None
+        self.n_outputs, self.amp_dtype = n_outputs(dataset_json), amp_dtype(device) if amp else None
         self.previous, self.previous_predictions = None, None
-        if self.cascade_labels is not None and previous_predictions is not None:
-            self.previous_predictions = Path(previous_predictions)
-        elif self.cascade_labels is not None:
-            stage = self.config['previous_stage']
-            first = Path(previous_stage) if previous_stage else self.model_dir.parent / stage
-            if not (first / 'plans.json').is_file():
-                raise FileNotFoundError(
-                    f"{first}: no model folder of {stage}, the first stage this cascade needs; give it "
-                    f"(--prev-stage) or its predictions (--prev-stage-predictions)")
-            self.previous = Predictor(first, None, checkpoint, device, step, mirroring, weighting, fold_merge,
-                                      amp, progress=False)
 
-    # -- network space ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def predict_preprocessed(self, data) -> torch.Tensor:
-        """Logits (K, *spatial) of a preprocessed image (C, *spatial),
-        merged over the folds; on the device, float32."""
-        merged = None
-        data = data if isinstance(data, torch.Tensor) else torch.tensor(np.asarray(data))
-        data = data.to(self.device, torch.float32)   # once for all folds
-        for net in self.model['networks']:
-            with autocast(self.device, self.amp_dtype):
-                logits = sliding_window_predict(net, data, self.patch_size, self.step, self.mirror_axes,
-                                                self.weighting, self.device, self.progress)
-            part = logits if self.fold_merge == 'logits' else _probabilities(logits, self.regions is not None)
-            merged = part if merged is None else merged.add_(part)
-        merged /= len(self.model['networks'])
-        if self.fold_merge == 'softmax':   # back to logits whose softmax/sigmoid is the mean probability
-            merged = (
-                merged.clamp(1e-8, 1 - 1e-8).logit()
-                if self.regions is not None
-                else merged.clamp_min(1e-8).log()
+# %% ../nbs/09_inference.ipynb #3abe95df
+@patch
+@torch.inference_mode()
+def member_logits(self: Predictor, data):
+    """Each network's logits (K, *spatial) of a preprocessed image (C, *spatial), on the device, float32, one
+    network at a time (a generator): the sliding window, Gaussian weighting and mirroring of every prediction."""
+    data = data if isinstance(data, torch.Tensor) else torch.tensor(np.asarray(data))
+    data = data.to(self.device, torch.float32)   # once for all networks
+    for net in self.networks:
+        with autocast(self.device, self.amp_dtype):
+            yield sliding_window_predict(net, data, self.config.patch_size, self.step, self.mirror_axes,
+                                         self.weighting, self.device, self.progress)
+
+# %% ../nbs/09_inference.ipynb #9b4cd981
+@patch
+@torch.inference_mode()
+def predict_preprocessed(self: Predictor, data) -> torch.Tensor:
+    "Logits (K, *spatial) of a preprocessed image (C, *spatial), merged over the networks; on the device, float32."
+    merged, regions = None, self.regions is not None
+    for logits in self.member_logits(data):
+        part = logits if self.fold_merge == 'logits' else logits_to_probabilities(logits, regions)
+        merged = part if merged is None else merged.add_(part)
+    merged /= len(self.networks)
+    if self.fold_merge == 'softmax':   # back to logits whose softmax/sigmoid is the mean probability
+        merged = merged.clamp(1e-8, 1 - 1e-8).logit() if regions else merged.clamp_min(1e-8).log()
+    return merged
+
+# %% ../nbs/09_inference.ipynb #b35255d9
+@patch
+def preprocess(self: Predictor, image: np.ndarray, geometry: Geometry, case_id: str | None = None):
+    """(network input, properties) of a raw image; a cascade stage's input carries the first stage's
+    segmentation, preprocessed with the image as its label (transposed, cropped, resampled), one-hot."""
+    if self.config.previous_stage is None:
+        data, _, properties = preprocess_arrays(image, None, geometry, self.config, self.dataset_json)
+        return data, properties
+    if self.previous is not None: first = self.previous.predict_array(image, geometry)
+    elif case_id is None:
+        raise ValueError("predicting an array with a cascade needs the first stage's model folder")
+    else:
+        path = self.previous_predictions / f"{case_id}{self.dataset_json['file_ending']}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no first-stage prediction of case {case_id}")
+        first = read_label(path)[0]
+    first = np.asarray(first).astype(np.int16)   # room for -1, "outside the body"
+    data, seg, properties = preprocess_arrays(image, first, geometry, self.config, self.dataset_json)
+    return cascade_input(data, seg[0], self.config.cascade_labels), properties
+
+@patch
+def export(self: Predictor, logits, properties: dict, return_probabilities: bool = False):
+    "Network-space logits -> the label map (and probabilities) on the case's original grid (`revert`)."
+    return revert(logits, properties, self.config, return_probabilities, self.regions_class_order)
+
+@patch
+def predict_array(self: Predictor, image: np.ndarray, geometry: Geometry, return_probabilities: bool = False):
+    """Label map (z, y, x) of a raw image (c, z, y, x) on the
+    input's grid (and the probabilities (K, z, y, x))."""
+    data, properties = self.preprocess(image, geometry)
+    return self.export(self.predict_preprocessed(data), properties, return_probabilities)
+
+# %% ../nbs/09_inference.ipynb #bc818e23
+@patch
+def read_and_preprocess(self: Predictor, image_files) -> tuple[np.ndarray, dict, Geometry]:
+    """(preprocessed image, its properties, the input's geometry) of a case's channel files, once its
+    memory was estimated from the header and found to fit."""
+    files = [image_files] if isinstance(image_files, (str, Path)) else list(image_files)
+    shape, spacing = image_size(files[0])
+    need = prediction_memory(shape, spacing, self.config, len(files), self.n_outputs, self.device)
+    check_memory(files[0], need, available_memory(self.device))
+    image, _, geometry = read_case(image_files)
+    first = Path(files[0]).name
+    case_id = first.removesuffix(file_ending_of(first))[:-5]   # CASE_0000.nii.gz -> CASE
+    return (*self.preprocess(image, geometry, case_id), geometry)
+
+@patch
+def write(self: Predictor, result, geometry: Geometry, out_file, save_probabilities: bool = False) -> Path:
+    "Write what `export` returned: the label map, and with `save_probabilities` its CASE.npz."
+    label, probabilities = result if save_probabilities else (result, None)
+    return write_prediction(label, geometry, out_file, probabilities)
+
+@patch
+def predict_file(self: Predictor, image_files, out_file, save_probabilities: bool = False) -> Path:
+    "Predict one case from its channel files; write the label (and CASE.npz) next to `out_file`."
+    data, properties, geometry = self.read_and_preprocess(image_files)
+    result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
+    return self.write(result, geometry, out_file, save_probabilities)
+
+# %% ../nbs/09_inference.ipynb #044cb75c
+@patch
+def predict_folder(self: Predictor, in_dir, out_dir, save_probabilities: bool = False,
+                   overwrite: bool = False) -> list[Path]:
+    """Predict every case of `in_dir` (CASE_0000.nii.gz, ...)
+    into `out_dir/CASE.nii.gz`, a case ahead in a thread."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file; the predictions of a folder go to a folder")
+    ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
+    cases, strays = list_image_files(in_dir, ending)
+    if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
+    for case, files in cases.items():
+        if sorted(files) != list(range(n_channels)):
+            raise DatasetError(
+                f"{in_dir / (case + '_0000' + ending)}: case {case} has channels {sorted(files)}, "
+                f"the model expects {list(range(n_channels))}"
             )
-        return merged
-
-    # -- image space -----------------------------------------------------------------------------------
-    def predict_array(self, image: np.ndarray, geometry: Geometry, return_probabilities: bool = False):
-        """Label map (z, y, x) of a raw image (c, z, y, x) on the
-        input's grid (and the probabilities (K, z, y, x))."""
-        data, properties = self.preprocess(image, geometry)
-        return self.export(self.predict_preprocessed(data), properties, return_probabilities)
-
-    def preprocess(self, image: np.ndarray, geometry: Geometry, case_id: str | None = None):
-        """(network input, properties) of a raw image; a cascade stage's input carries the first stage's
-        segmentation, preprocessed with the image as its label (transposed, cropped, resampled), one-hot."""
-        if self.cascade_labels is None:
-            data, _, properties = preprocess_arrays(image, None, geometry, self.plans, self.configuration,
-                                                    self.dataset_json)
-            return data, properties
-        if self.previous is not None: first = self.previous.predict_array(image, geometry)
-        elif case_id is None:
-            raise ValueError("predicting an array with a cascade needs the first stage's model folder")
-        else:
-            path = self.previous_predictions / f"{case_id}{self.dataset_json['file_ending']}"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no first-stage prediction of case {case_id}")
-            first = read_label(path)[0]
-        first = np.asarray(first).astype(np.int16)   # room for -1, "outside the body"
-        data, seg, properties = preprocess_arrays(image, first, geometry, self.plans, self.configuration,
-                                                  self.dataset_json)
-        return cascade_input(data, seg[0], self.cascade_labels), properties
-
-    def export(self, logits, properties: dict, return_probabilities: bool = False):
-        order = self.dataset_json.get('regions_class_order') if self.regions is not None else None
-        return revert(logits, properties, self.config, return_probabilities, regions_class_order=order)
-
-    def _read_preprocessed(self, image_files) -> tuple[np.ndarray, dict, Geometry]:
-        """(preprocessed image, its properties, the input's geometry) of a case's channel files, once its
-        memory was estimated from the header and found to fit."""
-        files = [image_files] if isinstance(image_files, (str, Path)) else list(image_files)
-        shape, spacing = image_size(files[0])
-        need = prediction_memory(shape, spacing, self.plans, self.configuration, len(files), self.n_outputs,
-                                 self.device)
-        check_memory(files[0], need, available_memory(self.device))
-        image, _, geometry = read_case(image_files)
-        first = Path(image_files if isinstance(image_files, (str, Path)) else image_files[0]).name
-        case_id = first.removesuffix(file_ending_of(first))[:-5]   # CASE_0000.nii.gz -> CASE
-        return (*self.preprocess(image, geometry, case_id), geometry)
-
-    def predict_file(self, image_files, out_file, save_probabilities: bool = False) -> Path:
-        "Predict one case from its channel files; write the label (and CASE.npz) next to `out_file`."
-        data, properties, geometry = self._read_preprocessed(image_files)
-        result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
-        return self._write(result, geometry, out_file, save_probabilities)
-
-    def _write(self, result, geometry: Geometry, out_file, save_probabilities: bool) -> Path:
-        label, probabilities = result if save_probabilities else (result, None)
-        return write_prediction(label, geometry, out_file, probabilities)
-
-    def predict_folder(self, in_dir, out_dir, save_probabilities: bool = False,
-                       overwrite: bool = False) -> list[Path]:
-        """Predict every case of `in_dir` (CASE_0000.nii.gz, ...)
-        into `out_dir/CASE.nii.gz`, a case ahead in a thread."""
-        in_dir, out_dir = Path(in_dir), Path(out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"{out_dir}: is a file; the predictions of a folder go to a folder")
-        ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
-        cases, strays = list_image_files(in_dir, ending)
-        if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
-        for case, files in cases.items():
-            if sorted(files) != list(range(n_channels)):
-                raise DatasetError(
-                    f"{in_dir / (case + '_0000' + ending)}: case {case} has channels {sorted(files)}, "
-                    f"the model expects {list(range(n_channels))}"
-                )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / 'plans.json', self.plans)
-        write_json(out_dir / 'dataset.json', self.dataset_json)
-        todo = [c for c in cases if overwrite or not (out_dir / f'{c}{ending}').exists()]
-        prepare = lambda case: self._read_preprocessed([cases[case][c] for c in range(n_channels)])
-        written = []
-        # reads and preprocesses the next case while this one is predicted
-        with ThreadPoolExecutor(1) as reader:
-            upcoming = reader.submit(prepare, todo[0]) if todo else None
-            for i, case in enumerate(tqdm(todo, desc='predicting', disable=not self.progress)):
-                data, properties, geometry = upcoming.result()
-                if i + 1 < len(todo): upcoming = reader.submit(prepare, todo[i + 1])
-                result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
-                written.append(self._write(result, geometry, out_dir / f'{case}{ending}', save_probabilities))
-        return written
-
-def _probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if self.plans is not None: write_json(out_dir / 'plans.json', self.plans)
+    write_json(out_dir / 'dataset.json', self.dataset_json)
+    todo = [c for c in cases if overwrite or not (out_dir / f'{c}{ending}').exists()]
+    prepare = lambda case: self.read_and_preprocess([cases[case][c] for c in range(n_channels)])
+    written = []
+    # reads and preprocesses the next case while this one is predicted
+    with ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(prepare, todo[0]) if todo else None
+        for i, case in enumerate(tqdm(todo, desc='predicting', disable=not self.progress)):
+            data, properties, geometry = upcoming.result()
+            if i + 1 < len(todo): upcoming = reader.submit(prepare, todo[i + 1])
+            result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
+            written.append(self.write(result, geometry, out_dir / f'{case}{ending}', save_probabilities))
+    return written
 
 # %% ../nbs/09_inference.ipynb #957b78f2
+def fold_predictor(trainer, step: float = 0.5) -> Predictor:
+    "A Predictor over a trainer's network in memory, with the trainer's configuration, mirror axes and precision."
+    return Predictor.from_networks([trainer.network], trainer.config, trainer.dataset_json,
+                                   trainer.config.mirror_axes, trainer.device, step,
+                                   amp=trainer.amp_dtype is not None)
+
 def predict_validation_cases(trainer, out_dir=None, step: float = 0.5,
                              save_probabilities: bool = False) -> list[Path]:
-    """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring) from
-    the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on its
-    original grid (with `save_probabilities` also CASE.npz, what ensembles average). Rank 0 only.
-    The first stage of a cascade also writes each case's prediction on the next stage's grid to
+    """Predict a trained fold's validation cases whole (sliding window, Gaussian, mirroring: its
+    `fold_predictor`) from the preprocessed folder into `out_dir` (default: the fold's `validation/`), each on
+    its original grid (with `save_probabilities` also CASE.npz, what ensembles average). Rank 0 only. The
+    first stage of a cascade also writes each case's prediction on the next stage's grid to
     `predicted_next_stage/<next stage>/CASE.npy` in its model folder."""
     if trainer.rank != 0: return []
     out = Path(out_dir) if out_dir else trainer.output_dir / 'validation'
-    ending, network = trainer.dataset_json['file_ending'], trainer.network
-    next_stage = trainer.config.get('next_stage')
-    next_dir = next_stage_folder(trainer.output_dir.parent, next_stage) if next_stage else None
-    order = trainer.dataset_json.get('regions_class_order') if trainer.regions else None
+    config, network, predictor = trainer.config, trainer.network, fold_predictor(trainer, step)
+    next_config = (Configuration.from_plans(trainer.plans, config.next_stage, trainer.dataset_json)
+                   if config.next_stage else None)
     deep_supervision, network.deep_supervision = network.deep_supervision, False
     network.eval()
     written = []
@@ -417,18 +448,17 @@ def predict_validation_cases(trainer, out_dir=None, step: float = 0.5,
             data, _, properties = load_preprocessed_case(trainer.data_folder, case)
             if trainer.previous_predictions is not None:   # a cascade stage: the first stage's map, one-hot
                 previous = load_previous_stage(trainer.previous_predictions, case, data.shape[1:])
-                data = cascade_input(data, previous, trainer.settings['cascade_labels'])
-            with autocast(trainer.device, trainer.amp_dtype):
-                logits = sliding_window_predict(network, data, trainer.settings['patch_size'], step,
-                                                trainer.settings['mirror_axes'], device=trainer.device)
-            result = revert(logits, properties, trainer.config, save_probabilities, regions_class_order=order)
-            label, probabilities = result if save_probabilities else (result, None)
-            geometry = Geometry.from_dict(properties['geometry'])
-            written.append(write_prediction(label, geometry, out / f'{case}{ending}', probabilities))
-            if next_stage is not None:
-                seg = next_stage_segmentation(logits, properties, trainer.plans, trainer.configuration,
-                                              next_stage, order)
-                atomic_write(next_dir / f'{case}.npy', lambda tmp: np.save(tmp, seg))
+                data = cascade_input(data, previous, config.cascade_labels)
+            logits = predictor.predict_preprocessed(data)
+            result = predictor.export(logits, properties, save_probabilities)
+            out_file = out / f"{case}{trainer.dataset_json['file_ending']}"
+            written.append(predictor.write(result, Geometry.from_dict(properties['geometry']), out_file,
+                                           save_probabilities))
+            if next_config is not None:
+                seg = next_stage_segmentation(logits, properties, config, next_config,
+                                              predictor.regions_class_order)
+                next_file = next_stage_folder(trainer.output_dir.parent, next_config.name) / f'{case}.npy'
+                atomic_write(next_file, lambda tmp: np.save(tmp, seg))
     finally:
         network.deep_supervision = deep_supervision
     return written

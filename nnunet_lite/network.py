@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import foreground_labels, foreground_regions
-from .plans import stage_sizes
-from .preprocessing import configuration_of
+from .data import foreground_regions
+from .plans import Configuration, stage_sizes
 
 # %% auto #0
 __all__ = ['conv_norm', 'conv_norm_act', 'conv_stage', 'ResidualBlock', 'residual_stage', 'UNet', 'init_weights', 'n_outputs',
-           'input_channels', 'has_residual_encoder', 'build_network', 'count_parameters', 'stage_shapes', 'first_conv',
-           'input_conv', 'describe_network', 'draw_network', 'reference_key', 'load_reference_weights',
+           'has_residual_encoder', 'unet_from_architecture', 'build_network', 'count_parameters', 'stage_shapes',
+           'first_conv', 'input_conv', 'describe_network', 'draw_network', 'reference_key', 'load_reference_weights',
            'reference_state_dict']
 
 # %% ../nbs/05_network.ipynb #c086059a
@@ -143,16 +142,6 @@ def n_outputs(dataset_json: dict) -> int:
     regions = foreground_regions(dataset_json)
     return len(regions) if regions is not None else sum(1 for k in dataset_json['labels'] if k != 'ignore')
 
-def input_channels(plans: dict, configuration: str, dataset_json: dict) -> int:
-    """The image channels, and for a cascade stage (a configuration with a `previous_stage`) one more channel
-    per foreground label: the previous stage's segmentation, one-hot."""
-    extra = (
-        foreground_labels(dataset_json)
-        if configuration_of(plans, configuration).get('previous_stage')
-        else []
-    )
-    return len(dataset_json['channel_names']) + len(extra)
-
 def has_residual_encoder(architecture: dict) -> bool:
     "True for a ResidualEncoderUNet plan, False for a PlainConvUNet one; other networks are refused."
     name = architecture.get('network_class_name', 'PlainConvUNet').split('.')[-1]
@@ -161,15 +150,19 @@ def has_residual_encoder(architecture: dict) -> bool:
                          "PlainConvUNet and ResidualEncoderUNet")
     return name == 'ResidualEncoderUNet'
 
-def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True,
-                  initialise: bool = True) -> UNet:
-    "The configuration's U-Net (plain or residual encoder), He-initialised."
-    architecture = configuration_of(plans, configuration)['architecture']
+def unet_from_architecture(architecture: dict, in_channels: int, outputs: int,
+                           deep_supervision: bool = True) -> UNet:
+    "The U-Net (plain or residual encoder) of a plan's `architecture` entry."
     arch, residual = architecture['arch_kwargs'], has_residual_encoder(architecture)
-    net = UNet(input_channels(plans, configuration, dataset_json), n_outputs(dataset_json),
-               arch['features_per_stage'], arch['kernel_sizes'], arch['strides'],
-               arch['n_blocks_per_stage' if residual else 'n_conv_per_stage'],
-               arch['n_conv_per_stage_decoder'], deep_supervision, residual)
+    return UNet(in_channels, outputs, arch['features_per_stage'], arch['kernel_sizes'], arch['strides'],
+                arch['n_blocks_per_stage' if residual else 'n_conv_per_stage'],
+                arch['n_conv_per_stage_decoder'], deep_supervision, residual)
+
+def build_network(config: Configuration, dataset_json: dict, deep_supervision: bool = True,
+                  initialise: bool = True) -> UNet:
+    "A configuration's U-Net, He-initialised: its input channels, and one output per label or region."
+    net = unet_from_architecture(config.architecture, config.input_channels, n_outputs(dataset_json),
+                                 deep_supervision)
     if initialise: net.apply(init_weights)
     return net
 

@@ -6,24 +6,30 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .data import DatasetError, check_dataset, read_dataset_json, read_json, write_json
+from .data import (DatasetError, check_dataset, foreground_labels, read_dataset_json, read_json,
+                              write_json)
 from .fingerprint import Fingerprint, extract_fingerprint
 
 # %% auto #0
-__all__ = ['PRESETS', 'NORMALIZATION_BY_NAME', 'NETWORK_MODULE', 'PlannerSettings', 'fullres_target_spacing', 'transpose_axes',
-           'normalization_schemes', 'resampling_settings', 'shape_at_spacing', 'median_shape_at_spacing',
-           'pad_to_divisible', 'pool_and_conv_props', 'initial_patch_size', 'features_per_stage', 'stage_sizes',
-           'decoder_feature_map_size', 'conv_feature_map_size', 'residual_feature_map_size', 'feature_map_estimate',
-           'vram_budget', 'reference_batch', 'fit_patch_to_memory', 'batch_size_for', 'architecture', 'data_identifier',
+__all__ = ['ANISOTROPY_THRESHOLD', 'PRESETS', 'NORMALIZATION_BY_NAME', 'NETWORK_MODULE', 'RESAMPLING_KEYS', 'PlannerSettings',
+           'fullres_target_spacing', 'transpose_axes', 'normalization_schemes', 'resampling_settings',
+           'shape_at_spacing', 'median_shape_at_spacing', 'pad_to_divisible', 'pool_and_conv_props',
+           'initial_patch_size', 'features_per_stage', 'stage_sizes', 'decoder_feature_map_size',
+           'conv_feature_map_size', 'residual_feature_map_size', 'feature_map_estimate', 'vram_budget',
+           'reference_batch', 'fit_patch_to_memory', 'batch_size_for', 'architecture', 'data_identifier',
            'plan_configuration', 'plan_lowres', 'image_reader_writer', 'plan_experiment', 'save_plans', 'load_plans',
-           'write_plans', 'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'plot_plan', 'plan_explorer']
+           'write_plans', 'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'resampling_kwargs',
+           'inherited_plan', 'preprocessed_folder_name', 'mirrored_axes', 'Configuration', 'plot_plan', 'plan_explorer']
 
 # %% ../nbs/03_plans.ipynb #95d5c5b2
+# above it an axis is anisotropic: in the target spacing, in resampling (separate z) and in augmentation
+ANISOTROPY_THRESHOLD = 3.0
+
 @dataclass(frozen=True)
 class PlannerSettings:
     "The fixed numbers of the planner (nnU-Net v2's ExperimentPlanner unless a preset says otherwise)."
@@ -50,7 +56,7 @@ class PlannerSettings:
     reference_batch_2d: int = 12
     min_batch_size: int = 2
     max_dataset_fraction: float = 0.05       # one batch sees at most 5 % of the dataset's voxels
-    anisotropy_threshold: float = 3.0
+    anisotropy_threshold: float = ANISOTROPY_THRESHOLD
     # 3d_lowres is made while the fullres patch covers < 25 % of the median image
     lowres_patch_coverage: float = 0.25
     lowres_spacing_step: float = 1.03        # lowres spacing grows by this factor per search step
@@ -77,7 +83,8 @@ PRESETS.update({
 })
 
 # %% ../nbs/03_plans.ipynb #ad8332e5
-def fullres_target_spacing(spacings, shapes, anisotropy_threshold: float = 3.0) -> np.ndarray:
+def fullres_target_spacing(spacings, shapes,
+                           anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> np.ndarray:
     """The 3d_fullres spacing: the median per axis, with the
     10th-percentile rule for a strongly anisotropic axis."""
     spacings, shapes = np.asarray(spacings, np.float64), np.asarray(shapes, np.float64)
@@ -456,6 +463,102 @@ def describe_plans(plans: dict):
             'patch covers': f"{np.prod(c['patch_size']) / np.prod(c['median_image_size_in_voxels']):.0%}",
             'batch_dice': c.get('batch_dice')}
     return pd.DataFrame(rows).T
+
+# %% ../nbs/03_plans.ipynb #002abb60
+RESAMPLING_KEYS = ('order', 'order_z', 'force_separate_z', 'separate_z_anisotropy_threshold')
+
+def resampling_kwargs(plan: dict, which: str = 'data') -> dict:
+    """The keyword arguments of a plan entry's `resampling_fn_{which}` (data, seg or probabilities), as the
+    reference reads them; other resampling functions are refused."""
+    name = plan.get(f'resampling_fn_{which}', 'resample_data_or_seg_to_shape')
+    if name != 'resample_data_or_seg_to_shape':
+        raise ValueError(f"resampling function {name!r} is not supported (only nnU-Net's default, "
+                         "'resample_data_or_seg_to_shape')")
+    kwargs = plan.get(f'resampling_fn_{which}_kwargs', {})
+    return {'force_separate_z': False, **{k: v for k, v in kwargs.items() if k in RESAMPLING_KEYS}}
+
+# %% ../nbs/03_plans.ipynb #ff9fcf7e
+def inherited_plan(plans: dict, name: str) -> dict:
+    "A configuration's entry in the plans with what it inherits filled in (a clear error if the plans lack it)."
+    if name not in plans['configurations']:
+        raise ValueError(f"configuration {name!r} is not in the plans (it has "
+                         f"{', '.join(plans['configurations'])})")
+    entry = dict(plans['configurations'][name])
+    if 'inherits_from' not in entry: return entry
+    return {**inherited_plan(plans, entry['inherits_from']),
+            **{k: v for k, v in entry.items() if k != 'inherits_from'}}
+
+# %% ../nbs/03_plans.ipynb #7baa14a3
+def preprocessed_folder_name(plans: dict, name: str) -> str:
+    """The folder of the preprocessed cases a configuration reads: its own, or its parent's when it inherits
+    without a data_identifier of its own (the cascade's full-resolution stage reads 3d_fullres's cases)."""
+    entry = plans['configurations'].get(name, {})
+    if 'inherits_from' in entry and 'data_identifier' not in entry:
+        return preprocessed_folder_name(plans, entry['inherits_from'])
+    return name
+
+# %% ../nbs/03_plans.ipynb #789eccdf
+def mirrored_axes(patch_size) -> tuple[int, ...]:
+    "The axes nnU-Net mirrors in training and at inference: every spatial axis of the patch."
+    return tuple(range(len(patch_size)))
+
+@dataclass(frozen=True)
+class Configuration:
+    """One configuration of the plans, resolved once (`Configuration.from_plans`): everything preprocessing,
+    the network, data loading, training, prediction and the cascade read of it."""
+    name: str
+    spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    batch_dice: bool
+    normalization_schemes: tuple[str, ...]
+    use_mask_for_norm: tuple[bool, ...]
+    architecture: dict
+    resampling: dict                       # {'data' | 'seg' | 'probabilities': resampling keyword arguments}
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    intensity_properties: dict             # per channel: the foreground statistics CT normalisation uses
+    preprocessed_folder: str               # the folder of preprocessed cases it reads
+    previous_stage: str | None = None      # a cascade's second stage: the stage whose segmentation it sees
+    next_stage: str | None = None          # a cascade's first stage: the stage it predicts for
+    cascade_labels: tuple[int, ...] | None = None   # one input channel per label of the previous stage
+    plan: dict = field(default_factory=dict, repr=False, compare=False)   # the entry, inheritance applied
+
+    @classmethod
+    def from_plans(cls, plans: dict, name: str, dataset_json: dict | None = None) -> 'Configuration':
+        "Resolve configuration `name` of `plans`; a cascade stage needs `dataset_json` for its label channels."
+        plan = inherited_plan(plans, name)
+        previous = plan.get('previous_stage')
+        if previous and dataset_json is None:
+            raise ValueError(f"configuration {name!r} is a cascade stage: resolving it needs the dataset.json "
+                             f"(the labels of {previous} become its input channels)")
+        return cls(
+            name=name, spacing=tuple(float(s) for s in plan['spacing']),
+            patch_size=tuple(int(p) for p in plan['patch_size']), batch_size=int(plan['batch_size']),
+            batch_dice=bool(plan.get('batch_dice', False)),
+            normalization_schemes=tuple(plan['normalization_schemes']),
+            use_mask_for_norm=tuple(bool(m) for m in plan['use_mask_for_norm']),
+            architecture=plan['architecture'],
+            resampling={w: resampling_kwargs(plan, w) for w in ('data', 'seg', 'probabilities')},
+            transpose_forward=tuple(plans['transpose_forward']),
+            transpose_backward=tuple(plans['transpose_backward']),
+            intensity_properties=plans['foreground_intensity_properties_per_channel'],
+            preprocessed_folder=preprocessed_folder_name(plans, name), previous_stage=previous,
+            next_stage=plan.get('next_stage'),
+            cascade_labels=tuple(foreground_labels(dataset_json)) if previous else None, plan=plan)
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]: return mirrored_axes(self.patch_size)
+
+    @property
+    def input_channels(self) -> int:
+        "The image's channels, and for a cascade stage one more per foreground label of the previous stage."
+        return len(self.normalization_schemes) + len(self.cascade_labels or ())
+
+    @property
+    def strides(self) -> list[list[int]]:
+        "The network's pooling strides per stage (the first is 1)."
+        return self.architecture['arch_kwargs']['strides']
 
 # %% ../nbs/03_plans.ipynb #ce406901
 def plot_plan(plans: dict, size: float = 3.6):

@@ -18,23 +18,22 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data import (DatasetError, Geometry, _grid_problem, atomic_write, count_nonfinite,
+from .data import (DatasetError, Geometry, grid_problem, atomic_write, count_nonfinite,
                               foreground_regions, label_from_key, label_key, label_values, read_dataset_json,
                               read_image, read_json, read_label, remove_stale_temporaries, training_cases,
                               write_json)
 from .fingerprint import crop_to_nonzero, parallel_map
-from .plans import load_plans
+from .plans import ANISOTROPY_THRESHOLD, Configuration, load_plans, preprocessed_folder_name
 
 # %% auto #0
-__all__ = ['NORMALIZERS', 'ANISOTROPY_THRESHOLD', 'MAX_LOCATIONS_PER_CLASS', 'MIN_LOCATION_COVERAGE', 'RESAMPLING_KEYS',
-           'PROBABILITY_RESAMPLING', 'NOT_PREPROCESSING', 'transpose_case', 'ct_normalize', 'zscore_normalize',
-           'rescale_to_0_1', 'rgb_to_0_1', 'no_normalization', 'normalize', 'new_shape_for', 'coarse_axis',
-           'separate_z_axis', 'resample_image_scipy', 'interpolation_matrix', 'along_axis', 'resample_image',
-           'resample_label', 'linear_taps', 'sampling_classes', 'sample_class_locations', 'configuration_of',
-           'preprocessed_folder_name', 'resampling_kwargs', 'target_spacing_for', 'preprocess_arrays',
-           'check_case_arrays', 'read_case', 'preprocess_case', 'revert', 'next_stage_segmentation', 'label_to_logits',
-           'save_case', 'load_preprocessed_case', 'case_status', 'case_is_done', 'input_signature', 'resume_summary',
-           'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
+__all__ = ['NORMALIZERS', 'MAX_LOCATIONS_PER_CLASS', 'MIN_LOCATION_COVERAGE', 'PROBABILITY_RESAMPLING', 'NOT_PREPROCESSING',
+           'transpose_case', 'ct_normalize', 'zscore_normalize', 'rescale_to_0_1', 'rgb_to_0_1', 'no_normalization',
+           'normalize', 'new_shape_for', 'coarse_axis', 'separate_z_axis', 'resample_image_scipy',
+           'interpolation_matrix', 'along_axis', 'resample_image', 'resample_label', 'linear_taps', 'sampling_classes',
+           'sample_class_locations', 'target_spacing_for', 'preprocess_arrays', 'check_case_arrays', 'read_case',
+           'preprocess_case', 'logits_to_probabilities', 'segmentation_from_probabilities', 'revert', 'label_to_logits',
+           'next_stage_segmentation', 'save_case', 'load_preprocessed_case', 'case_status', 'case_is_done',
+           'input_signature', 'resume_summary', 'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
 
 # %% ../nbs/04_preprocessing.ipynb #756be7f2
 def transpose_case(image: np.ndarray, label: np.ndarray | None, spacing, transpose_forward):
@@ -100,8 +99,6 @@ def normalize(image: np.ndarray, label: np.ndarray, schemes, use_mask_for_norm,
     return image
 
 # %% ../nbs/04_preprocessing.ipynb #90508baf
-ANISOTROPY_THRESHOLD = 3.0
-
 def new_shape_for(shape, spacing, target_spacing) -> list[int]:
     """Voxels per axis after resampling `shape` from `spacing`
     to `target_spacing` (rounded as nnU-Net v2 does)."""
@@ -334,62 +331,25 @@ def sample_class_locations(label: np.ndarray, classes, max_per_class: int = MAX_
     return locations
 
 # %% ../nbs/04_preprocessing.ipynb #3560f483
-def configuration_of(plans: dict, configuration: str) -> dict:
-    "A configuration of the plans with what it inherits filled in (a clear error if the plans lack it)."
-    if configuration not in plans['configurations']:
-        raise ValueError(
-            f"configuration {configuration!r} is not in the plans (it has"
-            f" {', '.join(plans['configurations'])})"
-        )
-    cfg = dict(plans['configurations'][configuration])
-    if 'inherits_from' in cfg:   # the cascade's full-resolution stage: the parent's settings, overridden
-        cfg = {**configuration_of(plans, cfg['inherits_from']),
-               **{k: v for k, v in cfg.items() if k != 'inherits_from'}}
-    return cfg
-
-def preprocessed_folder_name(plans: dict, configuration: str) -> str:
-    """The folder of the preprocessed cases `configuration` uses: its own, or its parent's when it inherits
-    without a data_identifier of its own (the cascade's full-resolution stage reads 3d_fullres's cases)."""
-    raw = plans['configurations'].get(configuration, {})
-    if 'inherits_from' in raw and 'data_identifier' not in raw:
-        return preprocessed_folder_name(plans, raw['inherits_from'])
-    return configuration
-
-RESAMPLING_KEYS = ('order', 'order_z', 'force_separate_z', 'separate_z_anisotropy_threshold')
-
-def resampling_kwargs(configuration: dict, which: str = 'data') -> dict:
-    """The keyword arguments of the configuration's `resampling_fn_{which}` (data, seg or probabilities), as
-    the reference reads them."""
-    name = configuration.get(f'resampling_fn_{which}', 'resample_data_or_seg_to_shape')
-    if name != 'resample_data_or_seg_to_shape':
-        raise ValueError(
-            f"resampling function {name!r} is not supported (only nnU-Net's default,"
-            " 'resample_data_or_seg_to_shape')"
-        )
-    kwargs = configuration.get(f'resampling_fn_{which}_kwargs', {})
-    # the reference's default
-    return {'force_separate_z': False, **{k: v for k, v in kwargs.items() if k in RESAMPLING_KEYS}}
-
-def target_spacing_for(configuration: dict, spacing) -> list[float]:
+def target_spacing_for(config: Configuration, spacing) -> list[float]:
     """The configuration's spacing for a case at (transposed)
     `spacing`: a 2D configuration keeps the slice spacing."""
-    target = [float(s) for s in configuration['spacing']]
+    target = list(config.spacing)
     return [float(spacing[0])] + target if len(target) < len(spacing) else target
 
 def preprocess_arrays(
-    image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: dict, configuration: str,
+    image: np.ndarray, label: np.ndarray | None, geometry: Geometry, config: Configuration,
     dataset_json: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Preprocess a `(c, z, y, x)` image and its `(z, y, x)` label (or None): returns the float32 image, the
     int8/int16 `(1, z, y, x)` label (-1 outside the body) and the properties that `revert` needs."""
-    cfg = configuration_of(plans, configuration)
-    if len(image) != len(cfg['normalization_schemes']):
+    if len(image) != len(config.normalization_schemes):
         raise ValueError(
-            f"the image has {len(image)} channel(s), the plans expect {len(cfg['normalization_schemes'])}")
+            f"the image has {len(image)} channel(s), the plans expect {len(config.normalization_schemes)}")
     image, label, spacing = transpose_case(
-        np.array(image, np.float32), label, geometry.spacing, plans['transpose_forward'])
+        np.array(image, np.float32), label, geometry.spacing, config.transpose_forward)
     shape_before = list(image.shape[1:])
     image, seg, box = crop_to_nonzero(image, label)
-    target = target_spacing_for(cfg, spacing)
+    target = target_spacing_for(config, spacing)
     new_shape = new_shape_for(image.shape[1:], spacing, target)
     if min(new_shape) < 1:
         raise ValueError(
@@ -397,15 +357,14 @@ def preprocess_arrays(
             " axis"
         )
     shape_after_crop = list(image.shape[1:])
-    image = normalize(image, seg, cfg['normalization_schemes'], cfg['use_mask_for_norm'],
-                      plans['foreground_intensity_properties_per_channel'])
-    kw = lambda name: resampling_kwargs(cfg, name)
-    image = resample_image(image, new_shape, spacing, target, **kw('data'))
-    seg = resample_label(seg, new_shape, spacing, target, **kw('seg'))
+    image = normalize(image, seg, config.normalization_schemes, config.use_mask_for_norm,
+                      config.intensity_properties)
+    image = resample_image(image, new_shape, spacing, target, **config.resampling['data'])
+    seg = resample_label(seg, new_shape, spacing, target, **config.resampling['seg'])
     props = {
-        'geometry': geometry.to_dict(), 'configuration': configuration,
-        'transpose_forward': list(plans['transpose_forward']),
-        'transpose_backward': list(plans['transpose_backward']), 'shape_before_cropping': shape_before,
+        'geometry': geometry.to_dict(), 'configuration': config.name,
+        'transpose_forward': list(config.transpose_forward),
+        'transpose_backward': list(config.transpose_backward), 'shape_before_cropping': shape_before,
         'bbox_used_for_cropping': box, 'shape_after_cropping_and_before_resampling': shape_after_crop,
         'shape_after_resampling': list(new_shape), 'spacing_before_resampling': spacing,
         'spacing_after_resampling': target}
@@ -441,28 +400,41 @@ def read_case(image_files, label_file=None,
     if label_file is not None:
         label, label_geometry = read_label(label_file)
         first = image_files if isinstance(image_files, (str, os.PathLike)) else image_files[0]
-        if problem := _grid_problem(
+        if problem := grid_problem(
             label_file, label.shape, label_geometry, first, image.shape[1:], geometry, 'image '):
             raise DatasetError(str(problem))
     check_case_arrays(image, label, image_files, label_file, dataset_json)
     return image, label, geometry
 
-def preprocess_case(image_files, label_file, plans: dict, configuration: str,
-                    dataset_json: dict | None = None):
+def preprocess_case(image_files, label_file, config: Configuration, dataset_json: dict | None = None):
     "Read and preprocess one case from its files (see `preprocess_arrays`)."
     image, label, geometry = read_case(image_files, label_file, dataset_json)
-    return preprocess_arrays(image, label, geometry, plans, configuration, dataset_json)
+    return preprocess_arrays(image, label, geometry, config, dataset_json)
+
+# %% ../nbs/04_preprocessing.ipynb #0a38d9f7
+def logits_to_probabilities(logits: torch.Tensor, regions: bool = False) -> torch.Tensor:
+    "Logits (K, *spatial) -> probabilities: softmax over the classes, or a sigmoid per region."
+    return torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
+
+def segmentation_from_probabilities(probabilities: torch.Tensor, regions_class_order=None,
+                                  dtype=torch.uint8) -> torch.Tensor:
+    """Probabilities (K, *spatial) -> label map (*spatial): the argmax, or for a region-based model each
+    region above 0.5 painting its label, in `regions_class_order` (later regions paint over earlier ones)."""
+    if regions_class_order is None: return probabilities.argmax(0).to(dtype)
+    seg = torch.zeros(probabilities.shape[1:], dtype=dtype, device=probabilities.device)
+    for p, label in zip(probabilities, regions_class_order): seg[p > 0.5] = label
+    return seg
 
 # %% ../nbs/04_preprocessing.ipynb #cff0c1ad
 PROBABILITY_RESAMPLING = {'order': 1, 'order_z': 0, 'force_separate_z': None}
 
-def revert(logits, properties: dict, configuration: dict | None = None, return_probabilities: bool = False,
+def revert(logits, properties: dict, config: Configuration | None = None, return_probabilities: bool = False,
            regions_class_order=None):
     """Network-space logits `(K, z', y', x')` of a case -> its label map `(z, y, x)` in the original image's
     array order (numpy, uint8/uint16), and with `return_probabilities` also the `(K, z, y, x)` float32
     probabilities. A region-based model (`regions_class_order` from its dataset.json): sigmoid per region,
     and each region above 0.5 paints its label in that order."""
-    kw = resampling_kwargs(configuration, 'probabilities') if configuration else PROBABILITY_RESAMPLING
+    kw = config.resampling['probabilities'] if config else PROBABILITY_RESAMPLING
     x, _ = _as_tensor(logits)
     if list(x.shape[1:]) != list(properties['shape_after_resampling']):
         raise ValueError(
@@ -472,17 +444,12 @@ def revert(logits, properties: dict, configuration: dict | None = None, return_p
     x = resample_image(x.float(), properties['shape_after_cropping_and_before_resampling'],
                        properties['spacing_after_resampling'], properties['spacing_before_resampling'], **kw)
     regions = regions_class_order is not None
-    probabilities = torch.sigmoid(x) if regions else torch.softmax(x, 0)
+    probabilities = logits_to_probabilities(x, regions)
     box = tuple(slice(a, b) for a, b in properties['bbox_used_for_cropping'])
     small = (max(regions_class_order) if regions else len(probabilities)) <= 255   # labels 0..254 fit a uint8
     full = torch.zeros(
         properties['shape_before_cropping'], dtype=torch.uint8 if small else torch.int32, device=x.device)
-    if regions:
-        seg = torch.zeros(probabilities.shape[1:], dtype=full.dtype, device=x.device)
-        for p, label in zip(probabilities, regions_class_order): seg[p > 0.5] = label
-        full[box] = seg
-    else:
-        full[box] = probabilities.argmax(0).to(full.dtype)
+    full[box] = segmentation_from_probabilities(probabilities, regions_class_order, full.dtype)
     back = properties['transpose_backward']
     label = full.permute(*back).cpu().numpy().astype(np.uint8 if small else np.uint16)
     if not return_probabilities: return label
@@ -492,29 +459,28 @@ def revert(logits, properties: dict, configuration: dict | None = None, return_p
     full_p[(slice(None),) + box] = probabilities
     return label, full_p.permute(0, *[a + 1 for a in back]).cpu().numpy()
 
-def next_stage_segmentation(logits, properties: dict, plans: dict, configuration: str, next_stage: str,
-                            regions_class_order=None) -> np.ndarray:
-    """A first cascade stage's logits (K, *its preprocessed shape) -> its label map (z, y, x) on the next
-    stage's preprocessed grid, as nnU-Net v2 hands it on: the logits resampled linearly (the stage's own
-    spacing deciding any separate z), then argmax (regions: each above 0.5 paints its label, in order). Both
-    stages crop the same box, so nothing is un-cropped."""
-    own, spacing = properties['spacing_after_resampling'], properties['spacing_before_resampling']
-    target = target_spacing_for(configuration_of(plans, next_stage), spacing)
-    shape = new_shape_for(properties['shape_after_cropping_and_before_resampling'], spacing, target)
-    x, _ = _as_tensor(logits)
-    kw = resampling_kwargs(configuration_of(plans, configuration), 'probabilities')
-    x = resample_image(x.float(), shape, own, own, **kw)
-    if regions_class_order is None: return x.argmax(0).to(torch.uint8).cpu().numpy()
-    seg = torch.zeros(x.shape[1:], dtype=torch.uint8, device=x.device)
-    for p, label in zip(torch.sigmoid(x), regions_class_order): seg[p > 0.5] = label
-    return seg.cpu().numpy()
-
 # %% ../nbs/04_preprocessing.ipynb #eb215fc7
 def label_to_logits(seg: np.ndarray, n_classes: int, scale: float = 10.0) -> np.ndarray:
     """One-hot logits `(K, z, y, x)` of a preprocessed `(1, z, y, x)`
     label (-1 counts as background): a perfect prediction."""
     s = np.maximum(seg[0], 0)
     return (np.arange(n_classes)[:, None, None, None] == s[None]).astype(np.float32) * scale
+
+# %% ../nbs/04_preprocessing.ipynb #20b7cb7a
+def next_stage_segmentation(logits, properties: dict, config: Configuration, next_config: Configuration,
+                            regions_class_order=None) -> np.ndarray:
+    """A first cascade stage's logits (K, *its preprocessed shape) -> its label map (z, y, x) on the next
+    stage's preprocessed grid, as nnU-Net v2 hands it on: the logits resampled linearly (the stage's own
+    spacing deciding any separate z), then argmax (regions: each above 0.5 paints its label, in order). Both
+    stages crop the same box, so nothing is un-cropped."""
+    own, spacing = properties['spacing_after_resampling'], properties['spacing_before_resampling']
+    target = target_spacing_for(next_config, spacing)
+    shape = new_shape_for(properties['shape_after_cropping_and_before_resampling'], spacing, target)
+    x, _ = _as_tensor(logits)
+    x = resample_image(x.float(), shape, own, own, **config.resampling['probabilities'])
+    regions = regions_class_order is not None
+    return segmentation_from_probabilities(
+        logits_to_probabilities(x, regions) if regions else x, regions_class_order).cpu().numpy()
 
 # %% ../nbs/04_preprocessing.ipynb #b9926de2
 def _save_npy(path: Path, array: np.ndarray) -> Path:
@@ -573,20 +539,18 @@ def input_signature(files) -> dict:
 NOT_PREPROCESSING = ('batch_size', 'patch_size', 'architecture', 'vram_estimate', 'data_identifier',
                      'batch_dice')
 
-def _settings_record(plans: dict, configuration: str, dataset_json: dict) -> dict:
-    cfg = configuration_of(plans, configuration)
+def _settings_record(config: Configuration, dataset_json: dict) -> dict:
     record = {
-        'configuration': configuration, 'transpose_forward': plans['transpose_forward'],
-        'settings': {k: v for k, v in cfg.items() if k not in NOT_PREPROCESSING},
-        'foreground_intensity_properties_per_channel': plans['foreground_intensity_properties_per_channel'],
+        'configuration': config.name, 'transpose_forward': list(config.transpose_forward),
+        'settings': {k: v for k, v in config.plan.items() if k not in NOT_PREPROCESSING},
+        'foreground_intensity_properties_per_channel': config.intensity_properties,
         'labels': dataset_json['labels']}
     record['settings_id'] = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 
-def _preprocess_and_save(case_id, image_files, label_file, plans, configuration, dataset_json, folder,
-                         settings_id, inputs):
+def _preprocess_and_save(case_id, image_files, label_file, config, dataset_json, folder, settings_id, inputs):
     if parent_process() is not None: torch.set_num_threads(1)   # a worker process: one thread each
-    try: data, seg, props = preprocess_case(image_files, label_file, plans, configuration, dataset_json)
+    try: data, seg, props = preprocess_case(image_files, label_file, config, dataset_json)
     except DatasetError: raise
     except Exception as e: raise DatasetError(f"{case_id}: {type(e).__name__}: {e}") from e   # name the case
     save_case(folder, case_id, data, seg, {**props, 'settings_id': settings_id, 'inputs': inputs})
@@ -609,8 +573,9 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
     plans = load_plans(plans) if isinstance(plans, (str, os.PathLike)) else plans
     configuration = preprocessed_folder_name(plans, configuration)   # the cascade uses 3d_fullres's cases
     dataset_json = read_dataset_json(dataset_dir)
+    config = Configuration.from_plans(plans, configuration, dataset_json)
     folder = Path(out_dir) / configuration
-    record = _settings_record(plans, configuration, dataset_json)
+    record = _settings_record(config, dataset_json)
     record_file = folder / 'preprocessing.json'
     if record_file.is_file() and not overwrite and read_json(record_file) != json.loads(json.dumps(record)):
         raise DatasetError(
@@ -630,8 +595,8 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
         for suffix in ('.json', '.npy', '_seg.npy', '_locations.npy'):
             (folder / f'{k}{suffix}').unlink(missing_ok=True)
     if progress: print(resume_summary(status, removed))
-    jobs = [(k, v['images'], v['label'], plans, configuration, dataset_json, folder, record['settings_id'],
-             inputs[k]) for k, v in cases.items() if status[k] != 'done']
+    jobs = [(k, v['images'], v['label'], config, dataset_json, folder, record['settings_id'], inputs[k])
+            for k, v in cases.items() if status[k] != 'done']
     parallel_map(_preprocess_and_save, jobs, workers, f'preprocessing {configuration}', progress)
     copy_ground_truth(cases, Path(out_dir) / 'gt_segmentations', dataset_json['file_ending'])
     return folder

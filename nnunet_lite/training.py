@@ -30,7 +30,8 @@ from .data import (atomic_write, atomic_write_text, foreground_regions, read_jso
 from .dataloading import (OVERSAMPLE_FOREGROUND, PreprocessedDataset, TrainingBatches,
                                      forced_foreground, pipeline_settings)
 from .network import build_network, load_reference_weights, reference_state_dict
-from .preprocessing import configuration_of, preprocessed_cases, preprocessed_folder_name
+from .plans import Configuration
+from .preprocessing import preprocessed_cases
 
 # %% auto #0
 __all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITERATIONS', 'VAL_ITERATIONS', 'SAVE_EVERY',
@@ -402,8 +403,8 @@ class Trainer:
         hint = 'train on the folder `nnlite preprocess` wrote'
         self.plans = read_json(self.preprocessed_dir / 'plans.json', hint=hint)
         self.dataset_json = read_json(self.preprocessed_dir / 'dataset.json', hint=hint)
-        self.config = configuration_of(self.plans, configuration)
-        self.data_folder = self.preprocessed_dir / preprocessed_folder_name(self.plans, configuration)
+        self.config = Configuration.from_plans(self.plans, configuration, self.dataset_json)
+        self.data_folder = self.preprocessed_dir / self.config.preprocessed_folder
         if not self.data_folder.is_dir():
             raise FileNotFoundError(f"{self.data_folder}: not found "
                                     f"(run `nnlite preprocess ... -c {configuration}` first)")
@@ -432,16 +433,16 @@ class Trainer:
         )
         self.train_cases, self.val_cases = fold_cases(splits, fold, cases)
         self.previous_predictions = self._previous_predictions_folder(previous_predictions, splits)
-        self.settings = pipeline_settings(self.plans, configuration, self.dataset_json)
+        self.settings = pipeline_settings(self.config, self.dataset_json)
         self.regions = self.settings['regions'] is not None
         self.ignore_label = self.dataset_json['labels'].get('ignore')
         self.class_names = class_names(self.dataset_json)
-        batch_dice = bool(self.config.get('batch_dice', False))
-        self.loss_fn = loss_function(self.dataset_json, batch_dice, self.regions, self.world > 1)
+        self.loss_fn = loss_function(self.dataset_json, self.config.batch_dice, self.regions,
+                                     all_ranks=self.world > 1)
         # the same seed, the same initial weights; the global RNG stays
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.network = build_network(self.plans, configuration, self.dataset_json).to(self.device)
+            self.network = build_network(self.config, self.dataset_json).to(self.device)
         self.optimizer = make_optimizer(self.network.parameters())
         self.amp_dtype = amp_dtype(self.device) if amp else None
         self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
@@ -454,7 +455,7 @@ class Trainer:
     def _previous_predictions_folder(self, folder, splits) -> Path | None:
         """The folder of the previous stage's predictions of a cascade stage (None for other configurations);
         a one-line error naming a case it lacks and the fold of the previous stage that predicts it."""
-        previous = self.config.get('previous_stage')
+        previous = self.config.previous_stage
         if previous is None: return None
         default = next_stage_folder(default_model_dir(self.preprocessed_dir, previous), self.configuration)
         folder = Path(folder) if folder is not None else default
@@ -471,8 +472,8 @@ class Trainer:
 @patch
 def batch_streams(self: Trainer) -> tuple[TrainingBatches, TrainingBatches]:
     "(training, validation) batches of this rank, starting where the current epoch starts."
-    size = rank_batch_sizes(self.settings['batch_size'], self.world)[self.rank]
-    oversample = rank_oversample(self.settings['batch_size'], self.world, self.rank)
+    size = rank_batch_sizes(self.config.batch_size, self.world)[self.rank]
+    oversample = rank_oversample(self.config.batch_size, self.world, self.rank)
     def stream(cases, number: int, augment: bool, start: int) -> TrainingBatches:
         dataset = PreprocessedDataset(self.data_folder, cases, previous_predictions=self.previous_predictions)
         return TrainingBatches(dataset, self.settings, self.device,
@@ -562,7 +563,7 @@ def state(self: Trainer) -> dict:
         'init_args': {'plans': self.plans, 'configuration': self.configuration, 'fold': self.fold,
                       'dataset_json': self.dataset_json},
         'trainer_name': 'nnUNetTrainer',
-        'inference_allowed_mirroring_axes': tuple(self.settings['mirror_axes']),
+        'inference_allowed_mirroring_axes': self.config.mirror_axes,
         'schedule': {'epochs': self.epochs, 'iterations': self.iterations,
                      'val_iterations': self.val_iterations, 'initial_lr': INITIAL_LR, 'exponent': 0.9,
                      'cycles': self.cycles},

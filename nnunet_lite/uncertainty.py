@@ -15,24 +15,23 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from scipy import ndimage, stats
+from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import (DatasetError, list_image_files, read_image, read_label, write_file, write_image,
                               write_json, write_label)
 from .evaluation import load_summary
-from .inference import (Predictor, _probabilities, load_model, mirror_combinations, model_folds,
-                                   sliding_window_predict)
-from .preprocessing import resample_image, resampling_kwargs
-from .training import autocast
+from .inference import Predictor, load_model, mirror_combinations, model_folds
+from .plans import Configuration
+from .preprocessing import logits_to_probabilities, resample_image
 
 # %% auto #0
 __all__ = ['METHODS', 'CORRUPTIONS', 'SCORES', 'entropy', 'binary_entropy', 'member_entropy', 'ensemble_maps',
            'foreground_contour', 'boundary_band', 'case_scores', 'Flipped', 'WithDropout', 'snapshot_names',
-           'member_checkpoints', 'load_members', 'member_probabilities', 'predicted_foreground', 'revert_map',
-           'UncertaintyPredictor', 'corrupt', 'make_corrupted_set', 'case_dice', 'uncertainty_table', 'auroc',
-           'risk_coverage', 'score_quality', 'score_vs_dice_figure', 'risk_coverage_figure', 'entropy_overlay',
-           'uncertainty_figure']
+           'member_checkpoints', 'load_members', 'predicted_foreground', 'revert_map', 'UncertaintyPredictor',
+           'corrupt', 'make_corrupted_set', 'case_dice', 'uncertainty_table', 'auroc', 'risk_coverage', 'score_quality',
+           'score_vs_dice_figure', 'risk_coverage_figure', 'entropy_overlay', 'uncertainty_figure']
 
 # %% ../nbs/14_uncertainty.ipynb #2098284d
 def _tensor(x) -> torch.Tensor:
@@ -116,6 +115,7 @@ class Flipped(nn.Module):
         out = self.network(flip(x))
         return [flip(o) for o in out] if isinstance(out, (list, tuple)) else flip(out)
 
+# %% ../nbs/14_uncertainty.ipynb #fbc11b21
 class WithDropout(nn.Module):
     """A U-Net with channel dropout (probability `p`) after each convolution of its decoder, on at inference:
     every forward pass is one Monte-Carlo sample, its masks drawn from the member's own stream (`seed`)."""
@@ -137,6 +137,7 @@ class WithDropout(nn.Module):
         finally:
             for hook in hooks: hook.remove()
 
+# %% ../nbs/14_uncertainty.ipynb #89f7c06a
 def snapshot_names(model_dir, fold) -> list[str]:
     "The snapshot checkpoints of a fold, in cycle order."
     found = Path(model_dir).glob(f'fold_{fold}/checkpoint_snapshot_*.pth')
@@ -155,10 +156,11 @@ def member_checkpoints(model_dir, method: str = 'snapshots', folds=None) -> list
     if not folds: raise FileNotFoundError(f"{model_dir}: no fold_*/checkpoint_final.pth (train a fold first)")
     return [(f, 'checkpoint_final.pth') for f in (folds if method == 'folds' else folds[:1])]
 
+# %% ../nbs/14_uncertainty.ipynb #69b5abb3
 def load_members(model_dir, method: str = 'snapshots', folds=None, device='cpu', mirroring: bool = True,
                  samples: int = 8, p: float = 0.1) -> dict:
-    """The members of an ensemble of `method` from a model folder: {'networks', 'mirror_axes' (per member),
-    'names'}; `samples` and `p` for dropout."""
+    """The members of an ensemble of `method` from a model folder: {'networks', 'mirror_axes' (the same for
+    every member: none for tta, whose members are the flips), 'names'}; `samples` and `p` for dropout."""
     networks, names, mirror_axes = [], [], ()
     for fold, checkpoint in member_checkpoints(model_dir, method, folds):
         model = load_model(model_dir, [fold], checkpoint, device)
@@ -166,107 +168,101 @@ def load_members(model_dir, method: str = 'snapshots', folds=None, device='cpu',
         mirror_axes = model['mirror_axes'] if mirroring else ()
     if method == 'dropout':
         return {'networks': [WithDropout(networks[0], p, seed) for seed in range(samples)],
-                'mirror_axes': [mirror_axes] * samples,
+                'mirror_axes': mirror_axes,
                 'names': [f'{names[0]} dropout {k}' for k in range(samples)]}
     if method != 'tta':
-        return {'networks': networks, 'mirror_axes': [mirror_axes] * len(networks), 'names': names}
+        return {'networks': networks, 'mirror_axes': mirror_axes, 'names': names}
     combos = mirror_combinations(mirror_axes or model['mirror_axes'])
-    return {'networks': [Flipped(networks[0], c) for c in combos], 'mirror_axes': [()] * len(combos),
+    return {'networks': [Flipped(networks[0], c) for c in combos], 'mirror_axes': (),
             'names': [f"{names[0]} flip {''.join(map(str, c)) or 'none'}" for c in combos]}
 
-@torch.inference_mode()
-def member_probabilities(members: dict, data, patch_size, step: float = 0.5, regions: bool = False,
-                         device=None, amp_dtype=None):
-    "Each member's probabilities (K, *spatial) of a preprocessed image, one at a time (a generator)."
-    for net, axes in zip(members['networks'], members['mirror_axes']):
-        with autocast(torch.device(device or 'cpu'), amp_dtype):
-            logits = sliding_window_predict(net, data, patch_size, step, axes, device=device)
-        yield _probabilities(logits, regions)
-
+# %% ../nbs/14_uncertainty.ipynb #bb927498
 def predicted_foreground(p, regions: bool = False) -> torch.Tensor:
     "Where probabilities (K, *spatial) say foreground: a region above 0.5, or an argmax not background."
     return (p > 0.5).any(0) if regions else p.argmax(0) > 0
 
 # %% ../nbs/14_uncertainty.ipynb #1623c021
-def revert_map(volume, properties: dict, configuration: dict) -> np.ndarray:
+def revert_map(volume, properties: dict, config: Configuration) -> np.ndarray:
     "A map on the network's grid (*spatial) -> the input image's grid and array order (float32)."
     x = _tensor(volume).float()[None]
     x = resample_image(x, properties['shape_after_cropping_and_before_resampling'],
                        properties['spacing_after_resampling'], properties['spacing_before_resampling'],
-                       **resampling_kwargs(configuration, 'probabilities'))[0]
+                       **config.resampling['probabilities'])[0]
     full = torch.zeros(properties['shape_before_cropping'], dtype=torch.float32)
     full[tuple(slice(a, b) for a, b in properties['bbox_used_for_cropping'])] = x.cpu()
     return full.permute(*properties['transpose_backward']).numpy()
 
 # %% ../nbs/14_uncertainty.ipynb #fc9f00c4
 class UncertaintyPredictor(Predictor):
-    """Predict with an ensemble of `method` (one of `METHODS`); write uncertainty maps and
-    scores."""
+    """Predict with an ensemble of `method` (one of `METHODS`); write uncertainty maps and scores. Its networks
+    are the members: `member_logits` runs each in turn, as it runs the folds of a model."""
     def __init__(self, model_dir, method: str = 'snapshots', folds=None, device=None, step: float = 0.5,
                  mirroring: bool = True, amp: bool = True, progress: bool = True, width: int = 1,
                  samples: int = 8, p: float = 0.1, **kwargs):
         fold, checkpoint = member_checkpoints(model_dir, method, folds)[0]   # preprocessing and export as its
         super().__init__(model_dir, [fold], checkpoint, device, step, mirroring, amp=amp, progress=progress,
                          **kwargs)
-        self.model['networks'] = []                                          # the members predict instead
         self.members = load_members(model_dir, method, folds, self.device, mirroring, samples, p)
+        self.networks, self.mirror_axes = self.members['networks'], self.members['mirror_axes']
         self.method, self.width = method, width
 
     def case_maps(self, data) -> dict:
         "The ensemble's maps of a preprocessed image, and whether any member saw foreground at each voxel."
-        seen = None
-        def tracked(probabilities):
+        regions, seen = self.regions is not None, None
+        def member_probabilities():
             nonlocal seen
-            for p in probabilities:
-                fg = predicted_foreground(p, self.regions is not None)
+            for logits in self.member_logits(data):
+                p = logits_to_probabilities(logits, regions)
+                fg = predicted_foreground(p, regions)
                 seen = fg if seen is None else seen | fg
                 yield p
-        regions = self.regions is not None
-        members = member_probabilities(self.members, data, self.patch_size, self.step, regions, self.device,
-                                       self.amp_dtype)
-        maps = ensemble_maps(tracked(members), regions)
+        maps = ensemble_maps(member_probabilities(), regions)
         maps['any_member_foreground'] = seen
         return maps
 
-    def predict_case(self, image_files, out_file) -> dict:
-        "Predict one case; write its label and maps; its scores."
-        data, properties, geometry = self._read_preprocessed(image_files)
-        maps = self.case_maps(data)
-        mean = maps['probabilities'].clamp(1e-8, 1 - 1e-8)
-        logits = mean.logit() if self.regions is not None else mean.log()
-        label = self.export(logits, properties)
-        segmentation = predicted_foreground(mean, self.regions is not None).cpu().numpy()
-        scores = case_scores(maps, segmentation, maps['any_member_foreground'].cpu().numpy(), self.width)
-        out_file = Path(out_file)
-        ending = self.dataset_json['file_ending']
-        case = out_file.name.removesuffix(ending)
-        for name in ('entropy', 'mutual_information'):
-            write_file(revert_map(maps[name], properties, self.config), geometry,
-                       out_file.parent / 'uncertainty' / f'{case}_{name}{ending}')
-        write_label(label, geometry, out_file)
-        return scores
+# %% ../nbs/14_uncertainty.ipynb #ee4939d0
+@patch
+def predict_case(self: UncertaintyPredictor, image_files, out_file) -> dict:
+    "Predict one case; write its label and maps; its scores."
+    data, properties, geometry = self.read_and_preprocess(image_files)
+    maps = self.case_maps(data)
+    mean = maps['probabilities'].clamp(1e-8, 1 - 1e-8)
+    logits = mean.logit() if self.regions is not None else mean.log()
+    label = self.export(logits, properties)
+    segmentation = predicted_foreground(mean, self.regions is not None).cpu().numpy()
+    scores = case_scores(maps, segmentation, maps['any_member_foreground'].cpu().numpy(), self.width)
+    out_file = Path(out_file)
+    ending = self.dataset_json['file_ending']
+    case = out_file.name.removesuffix(ending)
+    for name in ('entropy', 'mutual_information'):
+        write_file(revert_map(maps[name], properties, self.config), geometry,
+                   out_file.parent / 'uncertainty' / f'{case}_{name}{ending}')
+    write_label(label, geometry, out_file)
+    return scores
 
-    def predict_folder_with_uncertainty(self, in_dir, out_dir) -> dict:
-        "Every case of `in_dir`: labels, maps and `uncertainty.json` ({case: scores}) in `out_dir`."
-        in_dir, out_dir = Path(in_dir), Path(out_dir)
-        ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
-        cases, _ = list_image_files(in_dir, ending)
-        if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / 'plans.json', self.plans)
-        write_json(out_dir / 'dataset.json', self.dataset_json)
-        scores, start = {}, time.perf_counter()
-        what = f'predicting ({self.method}, {len(self.members["networks"])} members)'
-        for case in tqdm(sorted(cases), desc=what, disable=not self.progress):
-            if sorted(cases[case]) != list(range(n_channels)):
-                raise DatasetError(f"{in_dir / (case + '_0000' + ending)}: case {case} has channels "
-                                   f"{sorted(cases[case])}, the model expects {list(range(n_channels))}")
-            files = [cases[case][c] for c in range(n_channels)]
-            scores[case] = self.predict_case(files, out_dir / f'{case}{ending}')
-        write_json(out_dir / 'uncertainty.json', {
-            'method': self.method, 'members': self.members['names'], 'width': self.width,
-            'seconds': round(time.perf_counter() - start, 2), 'cases': scores})
-        return scores
+# %% ../nbs/14_uncertainty.ipynb #0f70766e
+@patch
+def predict_folder_with_uncertainty(self: UncertaintyPredictor, in_dir, out_dir) -> dict:
+    "Every case of `in_dir`: labels, maps and `uncertainty.json` ({case: scores}) in `out_dir`."
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
+    cases, _ = list_image_files(in_dir, ending)
+    if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / 'plans.json', self.plans)
+    write_json(out_dir / 'dataset.json', self.dataset_json)
+    scores, start = {}, time.perf_counter()
+    what = f'predicting ({self.method}, {len(self.members["networks"])} members)'
+    for case in tqdm(sorted(cases), desc=what, disable=not self.progress):
+        if sorted(cases[case]) != list(range(n_channels)):
+            raise DatasetError(f"{in_dir / (case + '_0000' + ending)}: case {case} has channels "
+                               f"{sorted(cases[case])}, the model expects {list(range(n_channels))}")
+        files = [cases[case][c] for c in range(n_channels)]
+        scores[case] = self.predict_case(files, out_dir / f'{case}{ending}')
+    write_json(out_dir / 'uncertainty.json', {
+        'method': self.method, 'members': self.members['names'], 'width': self.width,
+        'seconds': round(time.perf_counter() - start, 2), 'cases': scores})
+    return scores
 
 # %% ../nbs/14_uncertainty.ipynb #9ddb35cf
 CORRUPTIONS = ('noise', 'bias', 'blur', 'lowres', 'missing_organ')
