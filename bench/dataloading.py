@@ -178,8 +178,9 @@ def run_reference(pre: Path, args) -> float:
 
 def run_ours(pre: Path, plans: dict, args) -> float:
     from nnunet_lite.dataloading import PreprocessedDataset, TrainingBatches, pipeline_settings
+    from nnunet_lite.plans import Configuration
     dataset_json = json.loads((pre / 'dataset.json').read_text())
-    settings = pipeline_settings(plans, '3d_fullres', dataset_json)
+    settings = pipeline_settings(Configuration.from_plans(plans, '3d_fullres'), dataset_json)
     device = torch.device(args.device)
     batches = TrainingBatches(PreprocessedDataset(pre / 'nnlite' / '3d_fullres'), settings, device=device,
                               seed=int(time.time()), threads=args.workers)

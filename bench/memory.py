@@ -26,6 +26,7 @@ from nnunet_lite.data import Geometry, write_file, write_json
 from nnunet_lite.fingerprint import Fingerprint
 from nnunet_lite.inference import prediction_memory
 from nnunet_lite.network import build_network, reference_state_dict
+from nnunet_lite.plans import Configuration
 from nnunet_lite.plans import plan_experiment
 from nnunet_lite.training import save_checkpoint
 
@@ -61,7 +62,7 @@ def model_folder(folder: Path, shape, spacing, classes: int) -> tuple[Path, dict
     plans = plan_experiment(fingerprint, dataset_json, gpu_memory_gb=8)
     arch = plans['configurations']['3d_fullres']['architecture']['arch_kwargs']
     arch['features_per_stage'] = [min(8, 2 * 2 ** i) for i in range(len(arch['features_per_stage']))]
-    net = build_network(plans, '3d_fullres', dataset_json, deep_supervision=False)
+    net = build_network(Configuration.from_plans(plans, '3d_fullres'), dataset_json, deep_supervision=False)
     model = folder / 'model'
     write_json(model / 'plans.json', plans); write_json(model / 'dataset.json', dataset_json)
     save_checkpoint(model / 'fold_0' / 'checkpoint_final.pth', {
@@ -83,7 +84,8 @@ def main():
     image = large_ct(folder, args.shape, args.spacing)
     model, plans = model_folder(folder, args.shape, args.spacing, args.classes)
     patch = plans['configurations']['3d_fullres']['patch_size']
-    need = prediction_memory(args.shape, args.spacing, plans, '3d_fullres', 1, args.classes + 1, 'cpu')
+    config = Configuration.from_plans(plans, '3d_fullres')
+    need = prediction_memory(args.shape, args.spacing, config, 1, args.classes + 1, 'cpu')
     print(f"image {args.shape} at {args.spacing} mm ({image.stat().st_size / 1e9:.2f} GB on disk), "
           f"{args.classes + 1} outputs, patch {patch}")
     command = ['/usr/bin/time', '-v', sys.executable, '-m', 'nnunet_lite.cli', 'predict', '-i', str(folder / 'imagesTs'),

@@ -321,14 +321,6 @@ def reference_stages(case, files, label, plans, configuration, dataset_json, out
     return sw.t
 
 
-def _resolve_configuration(plans: dict, configuration: str) -> dict:
-    cfg = dict(plans['configurations'][configuration])
-    if 'inherits_from' in cfg:
-        cfg = {**_resolve_configuration(plans, cfg['inherits_from']),
-               **{k: v for k, v in cfg.items() if k != 'inherits_from'}}
-    return cfg
-
-
 def our_stages(case, files, label, plans, configuration, dataset_json, out: Path) -> dict:
     "`preprocess_case` + `save_case` of one case, its steps timed separately (same calls, same order)."
     import numpy as np
@@ -336,7 +328,8 @@ def our_stages(case, files, label, plans, configuration, dataset_json, out: Path
     from nnunet_lite.preprocessing import (new_shape_for, normalize, read_case, resample_image, resample_label,
                                            sample_class_locations, sampling_classes, save_case, target_spacing_for,
                                            transpose_case)
-    cfg = _resolve_configuration(plans, configuration)
+    from nnunet_lite.plans import Configuration
+    cfg = Configuration.from_plans(plans, configuration, dataset_json)
     sw = Stopwatch()
     image, lab, geometry = read_case(files, label)
     sw.lap('read')
@@ -347,13 +340,11 @@ def our_stages(case, files, label, plans, configuration, dataset_json, out: Path
     new_shape = new_shape_for(image.shape[1:], spacing, target)
     shape_after_crop = list(image.shape[1:])
     sw.lap('transpose+crop')
-    image = normalize(image, seg, cfg['normalization_schemes'], cfg['use_mask_for_norm'],
-                      plans['foreground_intensity_properties_per_channel'])
+    image = normalize(image, seg, cfg.normalization_schemes, cfg.use_mask_for_norm, cfg.intensity_properties)
     sw.lap('normalise')
-    kw = lambda name: {k: v for k, v in cfg[name].items() if k in ('order', 'order_z', 'force_separate_z')}
-    image = resample_image(image, new_shape, spacing, target, **kw('resampling_fn_data_kwargs'))
+    image = resample_image(image, new_shape, spacing, target, **cfg.resampling['data'])
     sw.lap('resample image')
-    seg = resample_label(seg, new_shape, spacing, target, **kw('resampling_fn_seg_kwargs'))
+    seg = resample_label(seg, new_shape, spacing, target, **cfg.resampling['seg'])
     sw.lap('resample label')
     props = {'geometry': geometry.to_dict(), 'configuration': configuration,
              'transpose_forward': list(plans['transpose_forward']), 'transpose_backward': list(plans['transpose_backward']),

@@ -142,9 +142,10 @@ def network_step_flops(plans: dict, pre: Path, device: str) -> float:
     "FLOPs of one training step of the 3d_fullres network with the plan's patch and batch (the same in both tools)."
     from nnunet_lite.network import build_network
     dataset_json = json.loads((pre / 'dataset.json').read_text())
-    cfg = plans['configurations']['3d_fullres']
-    network = build_network(plans, '3d_fullres', dataset_json).to(device)
-    return step_flops(network, len(dataset_json['channel_names']), cfg['patch_size'], cfg['batch_size'], device)
+    from nnunet_lite.plans import Configuration
+    config = Configuration.from_plans(plans, '3d_fullres', dataset_json)
+    network = build_network(config, dataset_json).to(device)
+    return step_flops(network, config.input_channels, config.patch_size, config.batch_size, device)
 
 
 def build_for_trainers(args, root: Path) -> tuple[Path, dict]:

@@ -30,10 +30,12 @@ def draw_mask(n, p: float, generator: torch.Generator) -> torch.Tensor:
     "Bernoulli(p) draws of shape `n` (an int or a shape)."
     return torch.rand(n, generator=generator) < p
 
+# %% ../nbs/06_augmentation.ipynb #ea732550
 def draw_uniform(n, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     "U(low, high) draws of shape `n`."
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
+# %% ../nbs/06_augmentation.ipynb #72d47884
 def draw_around_one(n, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     """Factors drawn half from U(low, 1) and half from U(1, high):
     shrinking and growing equally often (the reference's BGContrast)."""
@@ -47,6 +49,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.to(device=like.device, dtype=like.dtype)
     return values.reshape(*values.shape, *[1] * (like.ndim - values.ndim))
 
+# %% ../nbs/06_augmentation.ipynb #f22e3851
 def _spatial_dims(x: torch.Tensor) -> tuple[int, ...]: return tuple(range(2, x.ndim))
 
 # %% ../nbs/06_augmentation.ipynb #115767ac
@@ -55,6 +58,7 @@ def _middle_slice(volume: torch.Tensor) -> np.ndarray:
     volume = volume.detach().float().cpu()
     return (volume[volume.shape[0] // 2] if volume.ndim == 3 else volume).numpy()
 
+# %% ../nbs/06_augmentation.ipynb #b0f791d7
 def show_batch(before: torch.Tensor, after: torch.Tensor, titles=None, channel: int = 0, size: float = 2.4):
     """A transform's effect, one column per sample: `before` (B, C, *spatial) above, `after` below (the middle
     slice of `channel`, both on `before`'s grey scale), `after` titled with `titles` (e.g. what was drawn).
@@ -76,6 +80,7 @@ def _selected(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     "Indices (on `like`'s device) of the samples a mask selected."
     return mask.nonzero()[:, 0].to(like.device)
 
+# %% ../nbs/06_augmentation.ipynb #5aaee409
 def gaussian_noise(data: torch.Tensor, generator: torch.Generator, p: float = 0.1, sigma=(0.0, 0.1)):
     "Add N(0, σ²) noise to the selected samples; returns the batch and {'applied', 'sigma'}."
     b = data.shape[0]
@@ -104,6 +109,7 @@ def gaussian_kernels(sigmas: torch.Tensor, width: int = 7) -> torch.Tensor:
         out[i, (width - k) // 2:(width + k) // 2] = w / w.sum()
     return out.reshape(*sigmas.shape, width)
 
+# %% ../nbs/06_augmentation.ipynb #f0a35560
 def _reflect_index(n: int, pad: int) -> torch.Tensor:
     i = torch.arange(-pad, n + pad)
     period = max(2 * (n - 1), 1)
@@ -122,6 +128,7 @@ def blur_along(x: torch.Tensor, kernels: torch.Tensor, axis: int) -> torch.Tenso
         out += padded.narrow(axis, k, n) * _per_sample(w[..., k], x)
     return out
 
+# %% ../nbs/06_augmentation.ipynb #cdf9006f
 def gaussian_blur(data: torch.Tensor, generator: torch.Generator, p: float = 0.2, sigma=(0.5, 1.0),
                   p_per_channel: float = 0.5):
     """Blur selected channels of selected samples; returns the
@@ -150,6 +157,7 @@ def brightness(data: torch.Tensor, generator: torch.Generator, p: float = 0.15, 
     if applied.any(): data = data * _per_sample(m, data)
     return data, {'applied': applied, 'multiplier': m}
 
+# %% ../nbs/06_augmentation.ipynb #ec9ed1e1
 def contrast(data: torch.Tensor, generator: torch.Generator, p: float = 0.15, factor=(0.75, 1.25)):
     "Scale each channel's deviation from its mean by a factor around one, keeping the channel's range."
     b, c = data.shape[:2]
@@ -233,6 +241,7 @@ def rotation_matrix(angles) -> torch.Tensor:
     rz = torch.tensor([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]], dtype=torch.float64)
     return rz @ ry @ rx
 
+# %% ../nbs/06_augmentation.ipynb #42f37826
 def draw_affines(
     batch_size: int, ndim: int, generator: torch.Generator, rotation: float, dummy_2d: bool = False,
     p_rotation: float = 0.2, p_scaling: float = 0.2, scaling=(0.7, 1.4)) -> dict:
@@ -255,6 +264,7 @@ def draw_affines(
     return {'affine': torch.stack(affines), 'rotated': rotated, 'scaled': scaled, 'angles': angles,
             'scale': scale}
 
+# %% ../nbs/06_augmentation.ipynb #45613aa5
 def sampling_grid(affines: torch.Tensor, source_size, patch_size) -> torch.Tensor:
     """`grid_sample` grids (B, *P, ndim) for the final patch: output
     voxel k reads source position A (k - (P-1)/2) + S/2 - 1/2."""
@@ -264,6 +274,7 @@ def sampling_grid(affines: torch.Tensor, source_size, patch_size) -> torch.Tenso
     position = torch.einsum('...j,bij->b...i', k - (out - 1) / 2, affines) + src / 2 - 0.5
     return ((2 * position + 1) / src - 1).flip(-1)   # normalised, in grid_sample's (x, y, z) order
 
+# %% ../nbs/06_augmentation.ipynb #15ba4c78
 def affine_sampling_grid(affines: torch.Tensor, source_size, patch_size) -> torch.Tensor:
     """`sampling_grid` made by `F.affine_grid` in float32 (fast): the
     normalised map is diag(1/S) A diag(P), no translation."""
@@ -276,6 +287,7 @@ def affine_sampling_grid(affines: torch.Tensor, source_size, patch_size) -> torc
         [m.flip(-1).flip(-2), torch.zeros(len(m), len(patch_size), 1, dtype=torch.float64)], -1).float()
     return F.affine_grid(theta, [len(m), 1, *patch_size], align_corners=False)
 
+# %% ../nbs/06_augmentation.ipynb #00022e01
 def centre_crop(x: torch.Tensor, patch_size, pad_value) -> torch.Tensor:
     """The box of `patch_size` starting at S//2 - P//2 of each sample
     (the reference's crop when nothing was drawn), padded where it leaves x."""
@@ -288,6 +300,7 @@ def centre_crop(x: torch.Tensor, patch_size, pad_value) -> torch.Tensor:
     out[tuple(target)] = x[tuple(source)]
     return out
 
+# %% ../nbs/06_augmentation.ipynb #27e7f73e
 def resample_labels_by_class(seg: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Labels (B, 1, *S) at the grid's positions: each label's indicator sampled linearly, outside counting as
     label -1, the highest score wins, exact ties go to the nearest voxel's label (the clear version: one
@@ -307,6 +320,7 @@ def resample_labels_by_class(seg: torch.Tensor, grid: torch.Tensor) -> torch.Ten
     nearest_score = torch.gather(scores, 1, torch.searchsorted(labels, nearest.to(labels.dtype).contiguous()))
     return torch.where(nearest_score == best, nearest, labels[winner].long()).to(seg.dtype)
 
+# %% ../nbs/06_augmentation.ipynb #da88554e
 def _corner_offsets(ndim: int) -> torch.Tensor:
     "The 2^ndim corners of a cell, in C order: (0,0,0), (0,0,1), ... (1,1,1)."
     return torch.tensor([[(c >> (ndim - 1 - d)) & 1 for d in range(ndim)] for c in range(2 ** ndim)])
@@ -354,6 +368,7 @@ def resample_labels_linear(seg: torch.Tensor, grid: torch.Tensor) -> torch.Tenso
         label[boundary] = torch.where(nearest_wins, labels.gather(1, nearest_corner)[:, 0], lowest_best)
     return label.reshape(n, 1, *out_shape)
 
+# %% ../nbs/06_augmentation.ipynb #829ac8f0
 def spatial_transform(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: torch.Generator,
                       rotation: float, dummy_2d: bool = False, **draw_kwargs):
     """Rotate/scale the source patches of a batch and cut the
@@ -380,16 +395,19 @@ def mask_outside(data: torch.Tensor, seg: torch.Tensor, channels) -> torch.Tenso
     return torch.where((seg[:, :1] < 0) & masked.view(1, -1, *[1] * (data.ndim - 2)),
                        torch.zeros((), dtype=data.dtype, device=data.device), data)
 
+# %% ../nbs/06_augmentation.ipynb #550354e9
 def remove_outside_label(seg: torch.Tensor) -> torch.Tensor:
     "Label -1 (outside) becomes background."
     return torch.where(seg == -1, torch.zeros((), dtype=seg.dtype, device=seg.device), seg)
 
+# %% ../nbs/06_augmentation.ipynb #d81e24eb
 def labels_to_regions(seg: torch.Tensor, regions) -> torch.Tensor:
     "(B, 1, ...) labels → (B, R, ...) booleans, channel r true where the label is one of `regions[r]`."
     members = [torch.as_tensor(r if isinstance(r, (list, tuple)) else [r], device=seg.device, dtype=seg.dtype)
                for r in regions]
     return torch.cat([torch.isin(seg[:, :1], m) for m in members], 1)
 
+# %% ../nbs/06_augmentation.ipynb #2829a339
 def deep_supervision_scales(strides) -> list[list[float]]:
     """Per deep-supervision output the scale of its label per axis:
     1 / cumulative product of the strides, coarsest stage dropped."""
@@ -399,6 +417,7 @@ def deep_supervision_scales(strides) -> list[list[float]]:
         scales.append([1 / a for a in product])
     return scales
 
+# %% ../nbs/06_augmentation.ipynb #66aa11cb
 def deep_supervision_targets(seg: torch.Tensor, scales) -> list[torch.Tensor]:
     "The label at each scale (nearest-exact, as the reference); scale 1 is the label itself."
     targets, as_float = [], None
@@ -409,6 +428,7 @@ def deep_supervision_targets(seg: torch.Tensor, scales) -> list[torch.Tensor]:
         targets.append(F.interpolate(as_float, size=size, mode='nearest-exact').to(seg.dtype))
     return targets
 
+# %% ../nbs/06_augmentation.ipynb #227296a3
 def training_targets(seg: torch.Tensor, ds_scales=None, regions=None):
     """What the loss compares with: -1 → 0, then regions (if any),
     then one target per deep-supervision scale (if any)."""
@@ -442,6 +462,7 @@ def augment_patches(data: torch.Tensor, seg: torch.Tensor, patch_size, generator
     data, seg, drawn['mirror'] = mirror(data, seg, generator, axes=mirror_axes, p=p['mirror'])
     return mask_outside(data, seg, mask_channels), seg, drawn
 
+# %% ../nbs/06_augmentation.ipynb #8820565b
 def augment_batch(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: torch.Generator,
                   rotation: float, dummy_2d: bool = False, mirror_axes=None, mask_channels=(), ds_scales=None,
                   regions=None, p: dict | None = None):
@@ -451,6 +472,7 @@ def augment_batch(data: torch.Tensor, seg: torch.Tensor, patch_size, generator: 
                                        mask_channels, p)
     return data, training_targets(seg, ds_scales, regions), drawn
 
+# %% ../nbs/06_augmentation.ipynb #bf9cf914
 def applied_transforms(drawn: dict) -> list[list[str]]:
     "Per sample, short descriptions of what `augment_batch` did to it."
     sp = drawn['spatial']
@@ -513,6 +535,7 @@ def previous_stage_onehot(prev: torch.Tensor, labels) -> torch.Tensor:
     *S), in `labels`' order: background and -1 (outside) are 0 in every channel."""
     return torch.cat([prev == label for label in labels], 1).to(torch.float32)
 
+# %% ../nbs/06_augmentation.ipynb #120f8bac
 def ball(radius: float, device=None) -> torch.Tensor:
     """skimage's `ball(radius)` for a float radius: a cube of floor(2r + 1) voxels per side, coordinates
     spread over [-r, r], True within r of the centre. Built with numpy's grid, as skimage builds it: voxels
@@ -521,6 +544,7 @@ def ball(radius: float, device=None) -> torch.Tensor:
     z, y, x = np.mgrid[-radius:radius:n * 1j, -radius:radius:n * 1j, -radius:radius:n * 1j]
     return torch.from_numpy(x ** 2 + y ** 2 + z ** 2 <= radius * radius).to(device)
 
+# %% ../nbs/06_augmentation.ipynb #40813e56
 def dilate(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
     """Binary dilation of a (*S) mask as the reference computes it: correlation with `structure` (its centre
     at (k - 1) // 2 per axis), zeros outside; by FFT, on the mask's device."""
@@ -532,6 +556,7 @@ def dilate(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
     full = torch.fft.irfftn(spectrum, s=padded.shape)
     return full[tuple(slice(n - 1, n - 1 + s) for n, s in zip(k, mask.shape))].round() > 0
 
+# %% ../nbs/06_augmentation.ipynb #a90b918b
 def erode(mask: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
     "Binary erosion: the complement of the dilated complement (outside the patch counts as foreground)."
     return ~dilate(~mask, structure)
@@ -545,6 +570,7 @@ def _channels_to_change(n_channels: int, p_per_label: float, generator: torch.Ge
     order = torch.randperm(n_channels, generator=generator).tolist()
     return [c for c, keep in zip(order, draw_mask(n_channels, p_per_label, generator).tolist()) if keep]
 
+# %% ../nbs/06_augmentation.ipynb #08f272b7
 def random_binary_operator(onehot: torch.Tensor, generator: torch.Generator, p: float = 0.4,
                            p_per_label: float = 0.5, radius=(1.0, 8.0)):
     """Dilate, erode, open or close one-hot channels (B, n, *S) of a sample (p) channel by channel
@@ -567,6 +593,7 @@ def random_binary_operator(onehot: torch.Tensor, generator: torch.Generator, p: 
             drawn['operations'][i].append((c, name, r))
     return onehot, drawn
 
+# %% ../nbs/06_augmentation.ipynb #5df77b06
 def remove_random_component(onehot: torch.Tensor, generator: torch.Generator, p: float = 0.2,
                             p_per_label: float = 0.5, max_fraction: float = 0.15):
     """In a sample (p), each non-empty one-hot channel (p_per_label) loses one of its 26-connected components
@@ -590,6 +617,7 @@ def remove_random_component(onehot: torch.Tensor, generator: torch.Generator, p:
             drawn['removed'][i].append((c, int(sizes[pick - 1])))
     return onehot, drawn
 
+# %% ../nbs/06_augmentation.ipynb #1cf05f6d
 def with_previous_stage(data: torch.Tensor, seg: torch.Tensor, labels,
                         generator: torch.Generator | None = None):
     """Split `seg` (B, 2, *P) into the label and the previous stage's map, append that map to `data` as

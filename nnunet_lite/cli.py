@@ -156,6 +156,7 @@ def add_preprocess_command(sub):
     pp.add_argument('-q', '--quiet', action='store_true')
     pp.set_defaults(func=cmd_preprocess)
 
+# %% ../nbs/16_cli.ipynb #5b9a1382
 def _plans_file(path) -> Path:
     path = Path(path)
     return path / 'plans.json' if path.is_dir() else path
@@ -226,6 +227,7 @@ def add_train_command(sub):
     t.add_argument('-q', '--quiet', action='store_true')
     t.set_defaults(func=cmd_train)
 
+# %% ../nbs/16_cli.ipynb #195294de
 def cmd_train(args) -> int:
     rank, world = init_distributed(args.device)
     try:
@@ -234,6 +236,7 @@ def cmd_train(args) -> int:
         if world > 1: dist.destroy_process_group()
     return 0
 
+# %% ../nbs/16_cli.ipynb #43c86371
 def train_fold(args, fold, rank: int, world: int):
     "One fold of `nnlite train`: fit (or resume), then validate."
     fold_dir = args.out / f'fold_{fold}' if args.out else None
@@ -264,10 +267,12 @@ def train_fold(args, fold, rank: int, world: int):
     summary = None if args.no_validation else validate_fold(trainer, save_probabilities=args.npz)
     if summary: print_validation(summary, trainer)
 
+# %% ../nbs/16_cli.ipynb #72e4e401
 def print_validation(summary: dict, trainer):
     print(f"validation cases predicted whole: mean foreground Dice {summary['foreground_mean']['Dice']:.4f}"
           f" ({trainer.output_dir / 'validation' / 'summary.json'})")
 
+# %% ../nbs/16_cli.ipynb #3cc56590
 def add_validate_command(sub):
     v = sub.add_parser('validate', help="predict a trained fold's validation cases again and evaluate them "
                                         "(--npz: keep their probabilities for ensembles)")
@@ -338,6 +343,7 @@ def add_predict_command(sub):
     pr.add_argument('-q', '--quiet', action='store_true')
     pr.set_defaults(func=cmd_predict)
 
+# %% ../nbs/16_cli.ipynb #a292cc64
 def cmd_predict(args) -> int:
     if args.uncertainty: return predict_uncertainty(args)
     if args.model.suffix == '.json': return predict_instructions(args)
@@ -360,6 +366,7 @@ def cmd_predict(args) -> int:
     print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
     return 0
 
+# %% ../nbs/16_cli.ipynb #43bb13e8
 def predict_uncertainty(args) -> int:
     "`nnlite predict --uncertainty METHOD`: the ensemble's segmentation, uncertainty maps and scores."
     if args.model.suffix == '.json':
@@ -380,6 +387,7 @@ def predict_uncertainty(args) -> int:
           f"(maps in uncertainty/, scores in uncertainty.json)")
     return 0
 
+# %% ../nbs/16_cli.ipynb #9c807bec
 def predict_instructions(args) -> int:
     "`nnlite predict -m inference_instructions.json`: the chosen model or ensemble, then its post-processing."
     if args.folds is not None:
@@ -497,6 +505,7 @@ def cmd_ensemble(args) -> int:
     print(f"{len(written)} case(s) ensembled from {len(args.input)} folders -> {args.output}")
     return 0
 
+# %% ../nbs/16_cli.ipynb #bcea20cb
 def add_find_best_command(sub):
     fb = sub.add_parser('find-best', help='choose the best configuration (or pair, ensembled) by '
                                           'cross-validation Dice, and its post-processing')
@@ -526,6 +535,7 @@ def cmd_find_best(args) -> int:
           f"{out / 'inference_instructions.txt'} and {out / 'candidates.png'}")
     return 0
 
+# %% ../nbs/16_cli.ipynb #df51c259
 def add_export_model_command(sub):
     ex = sub.add_parser('export-model', help='zip trained model folders to share them (as nnU-Net v2 does)')
     ex.add_argument('models', type=Path, nargs='+', help='model folders, or a folder holding them')
@@ -545,6 +555,7 @@ def cmd_export_model(args) -> int:
     print(f"{', '.join(m.name for m in models)} -> {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
+# %% ../nbs/16_cli.ipynb #4e5bdc8c
 def add_import_model_command(sub):
     im = sub.add_parser('import-model', help='unpack a model zip (nnlite export-model, or nnU-Net v2\'s)')
     im.add_argument('zip_file', type=Path)
@@ -619,6 +630,7 @@ def prediction_figure(raw, predictions, case_id: str):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/16_cli.ipynb #983042d5
 def preprocessed_figure(folder, case_id: str):
     "The three planes of a preprocessed case (normalised image, label overlay)."
     data, seg, props = load_preprocessed_case(folder, case_id)
@@ -656,6 +668,7 @@ def add_demo_command(sub):
 def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
+# %% ../nbs/16_cli.ipynb #c5cbcb41
 def cmd_demo(args) -> int:
     matplotlib.use('Agg')   # figures go to files
     out = Path(args.out)

@@ -36,9 +36,11 @@ def cell_text(cell: dict) -> str:
     source = cell.get('source', '')
     return source if isinstance(source, str) else ''.join(source)
 
+# %% ../nbs/15_course.ipynb #8f654468
 def is_exercise_cell(cell: dict) -> bool:
     return cell['cell_type'] == 'code' and cell_text(cell).lstrip().startswith(EXERCISE_MARK)
 
+# %% ../nbs/15_course.ipynb #a0fb76be
 def _ends_tests(cell: dict) -> bool:
     "A markdown cell, the next exercise or a `#| hide` cell ends an exercise's tests."
     return (cell['cell_type'] != 'code' or is_exercise_cell(cell)
@@ -54,12 +56,14 @@ class Exercise:
     cell: int                     # index of the exercise cell
     tests: list[int] = field(default_factory=list)   # indices of its test cells
 
+# %% ../nbs/15_course.ipynb #8904e22a
 def exercise_hint(source: str) -> str:
     "The text of the exercise cell's `# Hint:` line."
     for line in source.splitlines():
         if line.strip().lower().startswith('# hint:'): return line.split(':', 1)[1].strip()
     raise ValueError(f"an exercise cell has no '# Hint: ...' line: {source.splitlines()[0:3]}")
 
+# %% ../nbs/15_course.ipynb #d97cf18d
 def exercise_functions(source: str) -> list[ast.FunctionDef]:
     "The top-level functions of an exercise cell (its answer)."
     functions = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
@@ -72,6 +76,7 @@ def _heading(markdown: str) -> str:
     first = markdown.strip().splitlines()[0] if markdown.strip() else ''
     return re.sub(r'^#+\s*', '', first).strip()
 
+# %% ../nbs/15_course.ipynb #72c0a6b5
 def find_exercises(cells: list[dict]) -> tuple[list[int], list[Exercise]]:
     "Setup cells and exercises of the notebook's `## Exercises` section (no section: none)."
     start = next((i for i, c in enumerate(cells)
@@ -120,6 +125,7 @@ def read_notebook(path) -> dict:
         raise ValueError(f"{path}: not a notebook (no list of cells)")
     return nb
 
+# %% ../nbs/15_course.ipynb #7bb8c498
 def student_notebook(nb: dict) -> dict:
     "The notebook with every exercise's solution replaced by its stub; every other cell untouched."
     student = json.loads(json.dumps(nb))
@@ -138,6 +144,7 @@ def default_notebooks_dir() -> Path:
                                 "or pass --source)")
     return folder
 
+# %% ../nbs/15_course.ipynb #1878829d
 def stage_notebooks(nbs_dir=None) -> list[Path]:
     "The numbered notebooks of a folder, in order (`00_data.ipynb`, `01_viz.ipynb`, ...)."
     nbs_dir = Path(nbs_dir) if nbs_dir else default_notebooks_dir()
@@ -145,6 +152,7 @@ def stage_notebooks(nbs_dir=None) -> list[Path]:
     if not found: raise FileNotFoundError(f"{nbs_dir}: no numbered notebooks (00_*.ipynb, ...)")
     return found
 
+# %% ../nbs/15_course.ipynb #95c8a0f3
 def notebook_title(nb: dict) -> str:
     "The first heading of the notebook."
     for cell in nb['cells']:
@@ -152,10 +160,12 @@ def notebook_title(nb: dict) -> str:
             return _heading(cell_text(cell))
     return ''
 
+# %% ../nbs/15_course.ipynb #9434c98c
 def _exercise_rows(name: str, nb: dict) -> list[dict]:
     return [dict(notebook=name, exercise=e.title, write=e.name, hint=e.hint)
             for e in find_exercises(nb['cells'])[1]]
 
+# %% ../nbs/15_course.ipynb #cf47165e
 def exercises_table(nbs_dir=None) -> pd.DataFrame:
     "One row per graded exercise of every stage notebook: notebook, title, the functions to write, the hint."
     rows = [row for p in stage_notebooks(nbs_dir) for row in _exercise_rows(p.name, read_notebook(p))]
@@ -188,10 +198,12 @@ def _in_folder(folder):
     try: yield
     finally: os.chdir(before)
 
+# %% ../nbs/15_course.ipynb #8741125f
 def _run_sources(sources, namespace, filename):
     for k, source in enumerate(sources):
         exec(compile(source, f'{filename} cell {k}', 'exec'), namespace)
 
+# %% ../nbs/15_course.ipynb #9ab20962
 def _failure(error: BaseException) -> str:
     "`Type: message` of an exception, or the failing line of a bare `assert`."
     message = str(error).strip()
@@ -252,6 +264,7 @@ def output_error(cell: dict) -> str | None:
             return message
     return None
 
+# %% ../nbs/15_course.ipynb #a00862d6
 def execute_notebook(nb: dict, folder, timeout: int = 600) -> dict:
     "Run every cell of a notebook in a fresh kernel, from `folder`, past errors; the executed notebook."
     import nbformat
@@ -281,6 +294,7 @@ def grade_executed(nb: dict, name: str = 'notebook') -> dict:
                 score=f"{passed}/{len(graded)}", other_errors=other,
                 all_passed=bool(graded) and passed == len(graded) and not other)
 
+# %% ../nbs/15_course.ipynb #03c359ea
 def grade_notebook(path, timeout: int = 600) -> dict:
     "Run a notebook in a fresh kernel from its own folder and grade its exercises."
     path = Path(path); nb = read_notebook(path)
@@ -310,6 +324,7 @@ def notebook_html(nb: dict) -> str:
     body, _ = HTMLExporter(template_name='lab').from_notebook_node(node)
     return body
 
+# %% ../nbs/15_course.ipynb #737175e7
 def _summary(nb: dict) -> str:
     "The `> summary` line under a notebook's title."
     for cell in nb['cells'][:2]:
@@ -317,6 +332,7 @@ def _summary(nb: dict) -> str:
         if quoted: return ' '.join(l for l in quoted if l).split('. ')[0].rstrip('.') + '.'
     return ''
 
+# %% ../nbs/15_course.ipynb #e9806cf2
 def site_index(pages: list[tuple[str, str, str, float]]) -> str:
     "The index page: one row per notebook (file, title, summary, seconds it ran)."
     rows = ''.join(f'<tr><td><a href="{html.escape(f)}">{html.escape(f.removesuffix(".html"))}</a></td>'

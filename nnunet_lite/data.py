@@ -107,6 +107,7 @@ def nifti_header(head: bytes) -> dict | None:
     return {'order': order, 'dims': dims, 'datatype': datatype, 'bitpix': bitpix, 'offset': offset,
             'size': offset + n * bitpix // 8}
 
+# %% ../nbs/00_data.ipynb #880d8bbd
 def _gunzipped_size(path, limit: int) -> int:
     "How many bytes a .gz file decompresses to (stops counting at `limit`); EOFError if its stream is cut."
     n = 0
@@ -177,6 +178,7 @@ def temporary_path(path) -> Path:
     path = Path(path)
     return path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp{file_ending_of(path) or path.suffix}')
 
+# %% ../nbs/00_data.ipynb #9038137f
 def atomic_write(path, write: Callable[[Path], Any]) -> Path:
     """Write `path` by calling `write(temporary_path)`, then rename the result onto `path`: readers see the
     old file or the whole new one, never half of it. A failed write leaves nothing behind."""
@@ -190,13 +192,16 @@ def atomic_write(path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
     return path
 
+# %% ../nbs/00_data.ipynb #7ba5c024
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
+# %% ../nbs/00_data.ipynb #dc238e14
 def write_json(path, content, indent: int = 2, **dumps_kwargs) -> Path:
     "`content` as a JSON file, written atomically."
     return atomic_write_text(path, json.dumps(content, indent=indent, **dumps_kwargs))
 
+# %% ../nbs/00_data.ipynb #f31db376
 def read_json(path, what: str = '', hint: str = '') -> Any:
     """The content of a JSON file; a missing file ("PATH: {what} not found ({hint})") or invalid JSON is a
     one-line error naming it."""
@@ -209,6 +214,7 @@ def read_json(path, what: str = '', hint: str = '') -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
+# %% ../nbs/00_data.ipynb #45dd2ba1
 _TEMPORARY_NAME = re.compile(r'\..+\.[0-9a-f]{8}\.tmp(\.[\w.]+)?')   # what temporary_path makes
 
 def remove_stale_temporaries(folder) -> int:
@@ -218,6 +224,7 @@ def remove_stale_temporaries(folder) -> int:
     for p in stale: p.unlink(missing_ok=True)
     return len(stale)
 
+# %% ../nbs/00_data.ipynb #53b88949
 def write_file(array: np.ndarray, geometry: Geometry, path) -> Path:
     """Write one `(z, y, x)` array (or `(c, z, y, x)` with c > 1 as vector pixels)
     with its geometry, atomically."""
@@ -254,6 +261,7 @@ def read_image(paths) -> tuple[np.ndarray, Geometry]:
             raise DatasetError(f"{p}: {', '.join(bad)} differ from {paths[0]}")
     return np.concatenate(arrays).astype(np.float32, copy=False), geometries[0]
 
+# %% ../nbs/00_data.ipynb #a724d74f
 def _as_label(arr: np.ndarray, path) -> np.ndarray:
     if arr.shape[0] != 1:
         raise DatasetError(f"{path}: a label map must have one channel, found {arr.shape[0]}")
@@ -282,6 +290,7 @@ def write_label(label: np.ndarray, geometry: Geometry, path) -> Path:
     label = np.asarray(label)
     return write_file(label.astype(_label_dtype(label), copy=False), geometry, path)
 
+# %% ../nbs/00_data.ipynb #155643aa
 def write_image(image: np.ndarray, geometry: Geometry, folder, case_id: str,
                 file_ending: str = '.nii.gz') -> list[Path]:
     "Write a `(c, z, y, x)` image as one file per channel, `folder/CASE_XXXX<ending>` (the nnU-Net naming)."
@@ -322,17 +331,20 @@ def dataset_json_problems(d: dict, where: str = 'dataset.json') -> list[Problem]
             Problem(where, f"label values must be consecutive integers 0, 1, 2, ..., found {declared}"))
     return problems
 
+# %% ../nbs/00_data.ipynb #3293d92c
 def label_values(d: dict) -> list[int]:
     """The label values that may appear in a label map
     (regions contribute their members; the ignore label too)."""
     return sorted({x for v in d['labels'].values() for x in (v if isinstance(v, (list, tuple)) else [v])})
 
+# %% ../nbs/00_data.ipynb #1427cfa3
 def foreground_labels(d: dict) -> list[int]:
     """The label values other than background and ignore, ascending (region members count): the cascade's
     inputs."""
     ignore = d['labels'].get('ignore')
     return [v for v in label_values(d) if v != 0 and v != ignore]
 
+# %% ../nbs/00_data.ipynb #39f8975d
 def foreground_regions(d: dict) -> list | None:
     """Region-based datasets (some label given as a list of several values): the foreground labels'
     values in dataset.json order — a list as a tuple, a single value as an int — without background
@@ -342,10 +354,12 @@ def foreground_regions(d: dict) -> list | None:
     regions = [tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else int(v) for v in values]
     return [r for r in regions if r not in (0, (0,))]
 
+# %% ../nbs/00_data.ipynb #f2d0fa9e
 def label_key(label) -> str:
     "A label (int) or region (tuple of labels) as a JSON key, as the reference writes them: '1', '(1, 2)'."
     return str(tuple(int(x) for x in label)) if isinstance(label, (tuple, list)) else str(int(label))
 
+# %% ../nbs/00_data.ipynb #93b1b8f6
 def label_from_key(key: str):
     "The label or region a `label_key` names (also reads the older '1,2' form)."
     try: parts = [int(p) for p in key.strip('()[] ').split(',') if p.strip()]
@@ -353,6 +367,7 @@ def label_from_key(key: str):
     if not parts: raise ValueError(f"{key!r} names no label or region")
     return tuple(parts) if ',' in key else parts[0]
 
+# %% ../nbs/00_data.ipynb #ecde75d9
 def read_dataset_json(folder) -> dict:
     """Load and validate `folder/dataset.json` (or a dataset.json file given directly);
     raise `DatasetError` naming every problem."""
@@ -369,6 +384,7 @@ def read_dataset_json(folder) -> dict:
     if problems := dataset_json_problems(d, str(path)): raise DatasetError('\n'.join(map(str, problems)))
     return d
 
+# %% ../nbs/00_data.ipynb #85a02e37
 def write_dataset_json(folder, channel_names: dict, labels: dict, num_training: int,
                        file_ending: str = '.nii.gz', **extra) -> Path:
     "Write a dataset.json in nnU-Net v2's schema (extra keys such as name or description are kept)."
@@ -392,6 +408,7 @@ def list_image_files(folder, file_ending: str) -> tuple[dict[str, dict[int, Path
         else: strays.append(p)
     return cases, strays
 
+# %% ../nbs/00_data.ipynb #840d655c
 # endings whose one file may hold several channels (RGB): no file per channel is required
 MULTICHANNEL_ENDINGS = ('.png', '.bmp', '.tif', '.tiff')
 
@@ -436,6 +453,7 @@ def training_cases(dataset_dir, dataset_json: dict | None = None, strict: bool =
             raise DatasetError(f"{orphan}: label without image (no {image})")
     return cases
 
+# %% ../nbs/00_data.ipynb #6a0892fa
 def held_out_cases(dataset_dir, dataset_json: dict | None = None) -> dict[str, list[Path]]:
     "The cases held out from training, in `imagesTs`: {case_id: [channel paths]} (empty without imagesTs)."
     d = dataset_json or read_dataset_json(dataset_dir)
@@ -463,6 +481,7 @@ class SynthSpec:
     def is_2d(self) -> bool:
         return len(self.shape) == 2
 
+# %% ../nbs/00_data.ipynb #09d0fc03
 SYNTH_KINDS = {
     'ct': dict(modality='CT', shape=(24, 32, 32), spacing=(1.0, 1.0, 1.0)),
     'mr': dict(modality='MR', shape=(24, 32, 32), spacing=(1.0, 1.0, 1.0), n_channels=2),
@@ -496,6 +515,7 @@ def physical_grid(shape, spacing) -> np.ndarray:
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
     return np.stack(np.meshgrid(*axes, indexing='ij')).astype(np.float32)
 
+# %% ../nbs/00_data.ipynb #0037d7bc
 def smooth_field(shape, rng, cells: int = 4) -> np.ndarray:
     """A smooth random field with zero mean and unit-ish amplitude:
     `cells` random values per axis, cubic-interpolated."""
@@ -503,6 +523,7 @@ def smooth_field(shape, rng, cells: int = 4) -> np.ndarray:
     field = ndimage.zoom(coarse, [n / cells for n in shape], order=3, mode='nearest', grid_mode=True)
     return field[tuple(slice(0, n) for n in shape)].astype(np.float32)
 
+# %% ../nbs/00_data.ipynb #7a3f8c01
 def random_rotation(ndim, rng, max_deg=30.0) -> np.ndarray:
     "A random rotation matrix with angles in ±max_deg about each axis."
     angles = np.deg2rad(rng.uniform(-max_deg, max_deg, size=1 if ndim == 2 else 3))
@@ -513,6 +534,7 @@ def random_rotation(ndim, rng, max_deg=30.0) -> np.ndarray:
         rot = rot @ r
     return rot
 
+# %% ../nbs/00_data.ipynb #1c94e930
 def wobbly_ellipsoid(grid, centre, semi_axes, rotation, wobble, rng) -> np.ndarray:
     "Boolean mask of a rotated ellipsoid (mm) whose surface is pushed in and out by a smooth random field."
     p = np.tensordot(
@@ -556,6 +578,7 @@ def _case_shape_spacing(spec: SynthSpec, rng):
     if spec.is_2d: shape = (1,) + shape
     return shape, spacing
 
+# %% ../nbs/00_data.ipynb #d809835f
 def synthetic_anatomy(shape, spacing, spec: SynthSpec, rng) -> dict[str, np.ndarray]:
     "Boolean masks (body, bone, organ, lesion, vessel) of one random phantom, drawn in mm."
     grid = physical_grid(shape, spacing)
@@ -581,6 +604,7 @@ def synthetic_anatomy(shape, spacing, spec: SynthSpec, rng) -> dict[str, np.ndar
     vessel = tube_mask(shape, spacing, rng, radius, body_axes) & body & ~bone
     return dict(body=body, bone=bone, organ=organ, lesion=lesion, vessel=vessel)
 
+# %% ../nbs/00_data.ipynb #2831742a
 def synthetic_label(anatomy: dict, n_classes: int = 3) -> np.ndarray:
     "Paint the label map: organ 1, vessel 3, lesion 2 (nested in the organ), keeping `n_classes` classes."
     label = np.zeros(anatomy['body'].shape, np.int16)
@@ -589,6 +613,7 @@ def synthetic_label(anatomy: dict, n_classes: int = 3) -> np.ndarray:
     if n_classes >= 2: label[anatomy['lesion']] = 2
     return label
 
+# %% ../nbs/00_data.ipynb #860b907c
 def synthetic_intensities(anatomy: dict, spec: SynthSpec, rng) -> np.ndarray:
     "The image `(c, z, y, x)` of a phantom: CT in HU (int16 values) or MR in arbitrary units with bias field."
     shape = anatomy['body'].shape
@@ -617,6 +642,7 @@ def synthetic_intensities(anatomy: dict, spec: SynthSpec, rng) -> np.ndarray:
         channels.append(img.astype(np.float32))
     return np.stack(channels)
 
+# %% ../nbs/00_data.ipynb #b7960267
 def synthetic_case(spec: SynthSpec, split: int, index: int) -> tuple[np.ndarray, np.ndarray, Geometry]:
     "One synthetic case (image `(c, z, y, x)`, label `(z, y, x)`, geometry) from its own random stream."
     rng = np.random.default_rng([spec.seed, split, index])
@@ -677,6 +703,7 @@ def nifti_nonfinite(path) -> tuple[int, int] | None:
         data = np.frombuffer(f.read(header['size'] - header['offset']), dtype=dtype)
     return int(np.isnan(data).sum()), int(np.isinf(data).sum())
 
+# %% ../nbs/00_data.ipynb #e3511d6f
 def count_nonfinite(path, array: np.ndarray) -> tuple[int, int]:
     "(NaN count, inf count) of an image file, from its raw voxels where the reader would hide them."
     raw = nifti_nonfinite(path)
@@ -696,6 +723,7 @@ def grid_problem(f, shape, g, f0, shape0, g0, what='') -> Problem | None:
         return Problem(
             str(f), f"{' and '.join(bad)} differ from {what}{Path(f0).name} ({_describe(g, g0, bad)})")
 
+# %% ../nbs/00_data.ipynb #36b33562
 def case_problems(image_files: list, label_file=None, n_channels: int = 1, allowed: set | None = None,
                   missing: list[Problem] = ()) -> tuple[list[Problem], set | None]:
     """Read one case and return its problems and the label values found (None when the label is unreadable).
@@ -777,6 +805,7 @@ def _folder_jobs(folder: Path, d: dict, labels_dir: Path | None) -> tuple[list, 
         jobs.append((present, label, missing))
     return jobs, problems
 
+# %% ../nbs/00_data.ipynb #f1e85e05
 def check_dataset(dataset_dir, workers: int = 4, progress: bool = True) -> list[Problem]:
     "Check a raw nnU-Net dataset folder; return every problem found (empty list: the dataset is fine)."
     root = Path(dataset_dir)
@@ -832,6 +861,7 @@ def check_dataset(dataset_dir, workers: int = 4, progress: bool = True) -> list[
         ]
     return problems
 
+# %% ../nbs/00_data.ipynb #8d533492
 def verify_dataset(dataset_dir, workers: int = 4, progress: bool = True) -> dict:
     "Run `check_dataset`; raise `DatasetError` listing every problem, else return the dataset.json."
     if problems := check_dataset(dataset_dir, workers, progress):

@@ -233,6 +233,7 @@ def training_regions(dataset_json: dict) -> list[tuple] | None:
     labels = dataset_json['labels']
     return regions + [(int(labels['ignore']),)] if 'ignore' in labels else regions
 
+# %% ../nbs/07_dataloading.ipynb #a7c5f750
 def pipeline_settings(config: Configuration, dataset_json: dict) -> dict:
     """Everything the loader and the augmentation need of a configuration: its patch, batch, mirror axes and
     cascade channels, and what follows from them (rotation, source patch, deep-supervision scales)."""
@@ -247,6 +248,7 @@ def pipeline_settings(config: Configuration, dataset_json: dict) -> dict:
         'regions': training_regions(dataset_json),
         'cascade_labels': list(config.cascade_labels) if config.cascade_labels else None}
 
+# %% ../nbs/07_dataloading.ipynb #78d7e2df
 def _batch_seed(seed: int | tuple, index: int) -> int:
     return int(np.random.SeedSequence([*seed_words(seed), index, 1]).generate_state(1, np.uint64)[0] >> 1)
 

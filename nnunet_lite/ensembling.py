@@ -79,6 +79,7 @@ def check_members(members: dict) -> list[str]:
             raise FileNotFoundError(f"{name}: no {missing[0]}.npz, which another member has{more}")
     return cases
 
+# %% ../nbs/12_ensembling.ipynb #7e2774bb
 def ensemble_files(members: dict, out_dir, dataset_json: dict, save_probabilities: bool = False,
                    workers: int = 2, progress: bool = True) -> list[Path]:
     """Average the members' probabilities ({name: {case: CASE.npz}}) case by case into `out_dir`: CASE<file
@@ -97,6 +98,7 @@ def ensemble_files(members: dict, out_dir, dataset_json: dict, save_probabilitie
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return list(tqdm(pool.map(one, cases), total=len(cases), desc='ensembling', disable=not progress))
 
+# %% ../nbs/12_ensembling.ipynb #b8c6dcd1
 def copy_model_files(source, out_dir, names=('dataset.json', 'plans.json')):
     "Copy the dataset.json and plans.json a folder of predictions goes with (those it has) into `out_dir`."
     for name in names:
@@ -346,6 +348,7 @@ def model_files(model_dir, checkpoints=('checkpoint_final.pth',)) -> list[Path]:
         files += [crossval / n for n in ('summary.json', 'postprocessing.json', 'postprocessing.pkl')]
     return [f for f in files if f.is_file()]
 
+# %% ../nbs/12_ensembling.ipynb #a5ce13cd
 def export_model(model_dirs, zip_file, checkpoints=('checkpoint_final.pth',)) -> Path:
     """Zip model folders (and their ensembles' summaries and inference_instructions.json from the folder
     holding them) into `zip_file`, written to a temporary name first."""
@@ -364,6 +367,7 @@ def export_model(model_dirs, zip_file, checkpoints=('checkpoint_final.pth',)) ->
             for f in files: z.write(f, f.relative_to(_zip_root(f, model_dirs)).as_posix())
     return atomic_write(zip_file, write)
 
+# %% ../nbs/12_ensembling.ipynb #68f4d3cc
 def _zip_root(f: Path, model_dirs) -> Path:
     "The folder a file's path in the zip is relative to: the one above the folder holding its model folder."
     for m in model_dirs:

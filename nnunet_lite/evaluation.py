@@ -80,6 +80,7 @@ def summarise(per_case: list[dict], classes) -> dict:
         foreground = {m: float(np.mean([mean[c][m] for c in classes if c not in (0, (0,))])) for m in METRICS}
     return {'metric_per_case': per_case, 'mean': mean, 'foreground_mean': foreground}
 
+# %% ../nbs/10_evaluation.ipynb #a6838c8b
 def save_summary(summary: dict, path) -> Path:
     "summary.json with string keys, written atomically."
     per_case = [
@@ -97,6 +98,7 @@ def load_summary(path) -> dict:
     return {'foreground_mean': summary['foreground_mean'], 'mean': by_class(summary['mean']),
             'metric_per_case': [{**r, 'metrics': by_class(r['metrics'])} for r in summary['metric_per_case']]}
 
+# %% ../nbs/10_evaluation.ipynb #dfffca19
 def _find_dataset_json(pred_dir: Path, gt_dir: Path) -> dict:
     for candidate in (pred_dir / 'dataset.json', gt_dir / 'dataset.json', gt_dir.parent / 'dataset.json'):
         if candidate.is_file(): return read_dataset_json(candidate)
@@ -108,6 +110,7 @@ def resolve_dataset_json(dataset_json: dict | str | None, pred_dir: Path, gt_dir
     if isinstance(dataset_json, (str, Path)): return read_dataset_json(dataset_json)
     return dataset_json or _find_dataset_json(pred_dir, gt_dir)
 
+# %% ../nbs/10_evaluation.ipynb #5ebdedc3
 def label_files(folder: Path, ending: str, what: str = 'label files') -> list[Path]:
     "The label files of a folder (hidden temporary files left out); an error when there are none."
     files = sorted(p for p in folder.glob(f'*{ending}') if not p.name.startswith('.'))
@@ -126,6 +129,7 @@ def prediction_files(pred_dir: Path, gt_dir: Path, ending: str) -> list[Path]:
         )
     return predictions
 
+# %% ../nbs/10_evaluation.ipynb #c0a00dd1
 def case_record(reference: np.ndarray, prediction: np.ndarray, reference_file, prediction_file, classes,
                 ignore) -> dict:
     "One entry of `metric_per_case`; a shape mismatch is an error naming the prediction."

@@ -32,6 +32,7 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
     "Voxels where any channel of a `(c, z, y, x)` image is non-zero, with holes filled."
     return binary_fill_holes(np.any(image != 0, axis=0))
 
+# %% ../nbs/02_fingerprint.ipynb #023f5a6d
 def bounding_box(mask: np.ndarray) -> list[list[int]]:
     """The half-open box [[start, end), ...] around the True
     voxels of `mask` (the whole array when none is True)."""
@@ -41,10 +42,12 @@ def bounding_box(mask: np.ndarray) -> list[list[int]]:
         box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, mask.shape[axis]])
     return box
 
+# %% ../nbs/02_fingerprint.ipynb #cea53df1
 def box_slices(box) -> tuple[slice, ...]:
     "The slices that cut a bounding box out of an array."
     return tuple(slice(a, b) for a, b in box)
 
+# %% ../nbs/02_fingerprint.ipynb #f9f11970
 def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None, outside_label: int = -1):
     """Crop a `(c, z, y, x)` image (and its `(z, y, x)` label) to the bounding box of the non-zero mask.
     Returns the cropped image, the cropped label (background outside the mask set to `outside_label`;
@@ -84,6 +87,7 @@ def weighted_percentiles(values: np.ndarray, counts: np.ndarray, q) -> np.ndarra
     at = lambda r: v[np.searchsorted(cum, r, side='right')]   # value of the r-th smallest sample (0-based)
     return at(lo) + (rank - lo) * (at(hi) - at(lo))
 
+# %% ../nbs/02_fingerprint.ipynb #53532a68
 def intensity_statistics(values: np.ndarray, counts: np.ndarray) -> dict:
     """mean, median, std, min, max and 0.5/99.5 percentiles of a
     sample given as values with counts (nnU-Net's keys)."""
@@ -117,6 +121,7 @@ class CaseSummary:
     def relative_size_after_cropping(self) -> float:
         return float(np.prod(self.shape_after_crop) / np.prod(self.shape_before_crop))
 
+# %% ../nbs/02_fingerprint.ipynb #79bae1cc
 def analyze_case(case_id: str, image_files, label_file, n_samples: int,
                  seed: int = SAMPLING_SEED) -> CaseSummary:
     "Read, crop and sample one case (the reference's `analyze_case`)."
@@ -143,6 +148,7 @@ def die_with_parent(parent_pid: int, every_s: float = 0.5):
         os._exit(1)
     threading.Thread(target=watch, daemon=True, name='die_with_parent').start()
 
+# %% ../nbs/02_fingerprint.ipynb #de725adc
 def parallel_map(fn, jobs: list[tuple], workers: int = 1, desc: str = '', progress: bool = True) -> list:
     """`[fn(*job) for job in jobs]`, in `workers` processes when
     workers > 1 (each ends when this process does), with a progress bar; results in order."""

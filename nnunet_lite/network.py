@@ -142,6 +142,7 @@ def n_outputs(dataset_json: dict) -> int:
     regions = foreground_regions(dataset_json)
     return len(regions) if regions is not None else sum(1 for k in dataset_json['labels'] if k != 'ignore')
 
+# %% ../nbs/05_network.ipynb #8ff14d85
 def has_residual_encoder(architecture: dict) -> bool:
     "True for a ResidualEncoderUNet plan, False for a PlainConvUNet one; other networks are refused."
     name = architecture.get('network_class_name', 'PlainConvUNet').split('.')[-1]
@@ -150,6 +151,7 @@ def has_residual_encoder(architecture: dict) -> bool:
                          "PlainConvUNet and ResidualEncoderUNet")
     return name == 'ResidualEncoderUNet'
 
+# %% ../nbs/05_network.ipynb #06301b16
 def unet_from_architecture(architecture: dict, in_channels: int, outputs: int,
                            deep_supervision: bool = True) -> UNet:
     "The U-Net (plain or residual encoder) of a plan's `architecture` entry."
@@ -158,6 +160,7 @@ def unet_from_architecture(architecture: dict, in_channels: int, outputs: int,
                 arch['n_blocks_per_stage' if residual else 'n_conv_per_stage'],
                 arch['n_conv_per_stage_decoder'], deep_supervision, residual)
 
+# %% ../nbs/05_network.ipynb #36ea0347
 def build_network(config: Configuration, dataset_json: dict, deep_supervision: bool = True,
                   initialise: bool = True) -> UNet:
     "A configuration's U-Net, He-initialised: its input channels, and one output per label or region."
@@ -182,6 +185,7 @@ def input_conv(net: UNet) -> nn.Module:
     "The convolution that sees the image: the stem's, or the first encoder stage's."
     return net.stem[0] if net.stem is not None else first_conv(net.encoder[0])
 
+# %% ../nbs/05_network.ipynb #606b02c3
 def describe_network(net: UNet, patch_size):
     """A table: per stage its resolution, features, kernel, stride
     and the parameters of its encoder and decoder parts."""
@@ -204,6 +208,7 @@ def describe_network(net: UNet, patch_size):
     table.loc['total'] = ['', '', '', '', '', table['encoder params'].sum(), table['decoder params'].sum()]
     return table
 
+# %% ../nbs/05_network.ipynb #96c1990e
 def draw_network(net: UNet, patch_size, ax=None):
     "The U: encoder stages down the left, decoder up the right, skips across, heads marked."
     n = len(net.encoder)

@@ -351,6 +351,7 @@ def image_reader_writer(file_ending: str) -> str:
         else 'SimpleITKIO'
     )
 
+# %% ../nbs/03_plans.ipynb #6f48c839
 def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_memory_gb: float | None = None,
                     preset: str = 'v2', dataset_name: str = 'Dataset') -> dict:
     """All configurations for a dataset, as a plans dict in nnU-Net v2's schema (`gpu_memory_gb` None: the
@@ -402,6 +403,7 @@ def plan_experiment(fingerprint: Fingerprint | dict, dataset_json: dict, gpu_mem
         'foreground_intensity_properties_per_channel': fp.foreground_intensity_properties_per_channel,
     }
 
+# %% ../nbs/03_plans.ipynb #1ad5b23d
 def save_plans(plans: dict, path) -> Path:
     "Write a plans dict as JSON, atomically."
     return write_json(path, plans)

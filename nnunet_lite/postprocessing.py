@@ -30,6 +30,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     keep = np.flatnonzero(sizes == sizes.max()) + 1
     return np.isin(labelled, keep)
 
+# %% ../nbs/11_postprocessing.ipynb #0c7bee6a
 def keep_largest(segmentation: np.ndarray, labels_or_regions, background: int = 0) -> np.ndarray:
     "A copy of `segmentation` where the union of `labels_or_regions` keeps only its largest component."
     items = labels_or_regions if isinstance(labels_or_regions, list) else [labels_or_regions]
@@ -47,6 +48,7 @@ def apply_steps(segmentation: np.ndarray, steps: list) -> np.ndarray:
                                     [tuple(i) if isinstance(i, list) else i for i in labels_or_regions])
     return segmentation
 
+# %% ../nbs/11_postprocessing.ipynb #42848b7f
 def _summary(pairs: dict, predictions: dict, classes, ignore) -> dict:
     return summarise([case_record(ref, predictions[name], ref_file, name, classes, ignore)
                       for name, (ref, ref_file) in pairs.items()], classes)
@@ -97,6 +99,7 @@ def determine_postprocessing(pred_dir, gt_dir, dataset_json: dict | str | None =
     write_json(pred_dir / 'postprocessing.json', rules, indent=1)
     return rules
 
+# %% ../nbs/11_postprocessing.ipynb #7db5d8a2
 def load_postprocessing(path) -> list:
     "The steps of a postprocessing.json."
     path = Path(path)
@@ -108,6 +111,7 @@ def load_postprocessing(path) -> list:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a post-processing file ({e})") from None
 
+# %% ../nbs/11_postprocessing.ipynb #0fd5b48f
 def postprocess_folder(in_dir, out_dir, steps, file_ending: str | None = None, workers: int = 2,
                        progress: bool = True) -> list[Path]:
     """Apply post-processing steps (a list, or a postprocessing.json)

@@ -51,6 +51,7 @@ def ct_normalize(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> 
     x /= max(stats['std'], 1e-8)
     return x
 
+# %% ../nbs/04_preprocessing.ipynb #673c887f
 def zscore_normalize(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np.ndarray:
     """(x - mean) / std of this image; with a mask, statistics
     and change only inside it (outside stays as is: 0)."""
@@ -63,12 +64,14 @@ def zscore_normalize(x: np.ndarray, stats: dict, mask: np.ndarray | None = None)
     x[mask] = (inside - inside.mean()) / max(inside.std(), 1e-8)
     return x
 
+# %% ../nbs/04_preprocessing.ipynb #3e305a68
 def rescale_to_0_1(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np.ndarray:
     "Per image min-max scaling to [0, 1]."
     x -= x.min()
     x /= np.clip(x.max(), 1e-8, None)
     return x
 
+# %% ../nbs/04_preprocessing.ipynb #a013265b
 def rgb_to_0_1(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np.ndarray:
     "8-bit colour values to [0, 1]."
     if x.min() < 0 or x.max() > 255:
@@ -77,6 +80,7 @@ def rgb_to_0_1(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np
     x /= 255.0
     return x
 
+# %% ../nbs/04_preprocessing.ipynb #3d121fea
 def no_normalization(x: np.ndarray, stats: dict, mask: np.ndarray | None = None) -> np.ndarray:
     "Leave the intensities as they are."
     return x
@@ -501,6 +505,7 @@ def save_case(folder, case_id: str, data: np.ndarray, seg: np.ndarray, propertie
     props['sampling_classes'] = [label_key(c) for c in locations]
     return write_json(folder / f'{case_id}.json', {'case_id': case_id, **props}, indent=1)
 
+# %% ../nbs/04_preprocessing.ipynb #ffb25f68
 def load_preprocessed_case(folder, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """A preprocessed case: image and label (memory-mapped by default) and its properties, with
     `class_locations` {class: (n, 3) positions}."""
@@ -512,6 +517,7 @@ def load_preprocessed_case(folder, case_id: str, mmap: bool = True) -> tuple[np.
     return (np.load(folder / f'{case_id}.npy', mmap_mode=mode),
             np.load(folder / f'{case_id}_seg.npy', mmap_mode=mode), props)
 
+# %% ../nbs/04_preprocessing.ipynb #4289cd14
 def case_status(folder, case_id: str, settings_id: str | None = None, inputs: dict | None = None) -> str:
     """'done' when a case was completely written (its properties JSON, written last, exists) with the settings
     `settings_id` and from the input files `inputs` (when given); else why not: 'new', 'incomplete',
@@ -530,6 +536,7 @@ def case_is_done(folder, case_id: str, settings_id: str | None = None, inputs: d
     "Whether a case was completely written (with `settings_id` and from `inputs`, when given)."
     return case_status(folder, case_id, settings_id, inputs) == 'done'
 
+# %% ../nbs/04_preprocessing.ipynb #6d3c021f
 def input_signature(files) -> dict:
     "{file name: [size, modification time in ns]} of a case's input files: what a case was made from."
     return {Path(f).name: [s.st_size, s.st_mtime_ns] for f in files for s in [os.stat(f)]}
@@ -555,6 +562,7 @@ def _preprocess_and_save(case_id, image_files, label_file, config, dataset_json,
     except Exception as e: raise DatasetError(f"{case_id}: {type(e).__name__}: {e}") from e   # name the case
     save_case(folder, case_id, data, seg, {**props, 'settings_id': settings_id, 'inputs': inputs})
 
+# %% ../nbs/04_preprocessing.ipynb #3d839e84
 def resume_summary(status: dict, removed: list) -> str:
     "One line: how many cases were done before, and which are (re)done now and why."
     done = [k for k, s in status.items() if s == 'done']
@@ -566,6 +574,7 @@ def resume_summary(status: dict, removed: list) -> str:
     if removed: parts.append(f"{len(removed)} no longer in the dataset removed ({', '.join(removed[:3])})")
     return '; '.join(parts)
 
+# %% ../nbs/04_preprocessing.ipynb #021be5a8
 def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers: int = 1,
                        progress: bool = True, overwrite: bool = False) -> Path:
     """Preprocess every training case of a raw dataset for one configuration into `out_dir/configuration/`
@@ -601,6 +610,7 @@ def preprocess_dataset(dataset_dir, plans, configuration: str, out_dir, workers:
     copy_ground_truth(cases, Path(out_dir) / 'gt_segmentations', dataset_json['file_ending'])
     return folder
 
+# %% ../nbs/04_preprocessing.ipynb #f3ad4530
 def copy_ground_truth(cases: dict, gt_dir: Path, file_ending: str):
     """Copy each training label to `gt_dir/CASE<ending>` (as nnU-Net's gt_segmentations): the
     references the fold validation after training is evaluated against, kept beside the plans so

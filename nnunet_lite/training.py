@@ -296,6 +296,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         first_line = str(e).splitlines()[0][:200] if str(e) else ''
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
 
+# %% ../nbs/08_training.ipynb #f6b7b061
 def write_log_csv(path, log: list[dict]) -> Path:
     "The per-epoch log as CSV (rewritten whole each epoch, atomically)."
     out = io.StringIO()
@@ -351,6 +352,7 @@ def next_stage_folder(model_dir, next_stage: str) -> Path:
     (`predicted_next_stage/<next stage>`, as nnU-Net v2)."""
     return Path(model_dir) / 'predicted_next_stage' / next_stage
 
+# %% ../nbs/08_training.ipynb #a06e6d25
 def cpu_has_native_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX), and may torch use those units? Then bf16
     convolutions run 2-3x faster. `ATEN_CPU_CAPABILITY=avx2` (torch's own switch) says no: with
@@ -371,6 +373,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     "The mixed-precision context for `dtype` on `device` (None: plain float32)."
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
+# %% ../nbs/08_training.ipynb #d8cb35eb
 def loss_function(dataset_json: dict, batch_dice: bool, regions: bool, all_ranks: bool = False):
     "The configuration's loss for one output: Dice + CE, or Dice + BCE for regions."
     ignore = dataset_json['labels'].get('ignore')
@@ -573,6 +576,7 @@ def state(self: Trainer) -> dict:
         'written_by': 'nnunet_lite.training.Trainer',
     }
 
+# %% ../nbs/08_training.ipynb #3e46e2d7
 @patch
 def load_state(self: Trainer, checkpoint: dict, path=''):
     "Continue from a checkpoint of this same configuration (`path` names it in errors)."
@@ -601,6 +605,7 @@ def load_state(self: Trainer, checkpoint: dict, path=''):
               f"{self.epochs} and {self.cycles}: the learning rate now follows "
               f"learning_rate(epoch, {self.epochs}, {self.cycles})")
 
+# %% ../nbs/08_training.ipynb #e06365af
 @patch
 def save(self: Trainer, name: str):
     if self.rank == 0: save_checkpoint(self.output_dir / name, self.state())

@@ -51,6 +51,7 @@ def member_entropy(p, regions: bool = False) -> torch.Tensor:
     "The entropy of one member's probabilities (K, *spatial): over the classes, or summed over the regions."
     return binary_entropy(p).sum(0) if regions else entropy(p)
 
+# %% ../nbs/14_uncertainty.ipynb #95fbd268
 def ensemble_maps(members, regions: bool = False) -> dict:
     """Voxel maps of an ensemble from its members' probabilities (an iterable of (K, *spatial), or one
     (M, K, *spatial) tensor): the mean probabilities, predictive entropy (total), expected entropy
@@ -274,6 +275,7 @@ def _smooth_field(shape, rng, cells: int = 3) -> np.ndarray:
     field = field[tuple(slice(s) for s in shape)]
     return field / max(np.abs(field).max(), 1e-8)
 
+# %% ../nbs/14_uncertainty.ipynb #84b9fc9d
 def corrupt(image: np.ndarray, label: np.ndarray, kind: str, level: float,
             rng) -> tuple[np.ndarray, np.ndarray]:
     "(image (c, z, y, x), label (z, y, x)) damaged by `kind` at strength `level` (0: unchanged)."
@@ -302,6 +304,7 @@ def corrupt(image: np.ndarray, label: np.ndarray, kind: str, level: float,
         label[gone] = 0
     return image.astype(np.float32), label
 
+# %% ../nbs/14_uncertainty.ipynb #d051fdef
 def make_corrupted_set(dataset_dir, out_dir, kinds=CORRUPTIONS, levels=(1, 2, 3), seed: int = 0,
                        progress: bool = True) -> Path:
     """Every test case (imagesTs with labelsTs) clean and at every kind and level: `out_dir/imagesTs`,
@@ -348,6 +351,7 @@ def uncertainty_table(uncertainty_file, summary_file) -> pd.DataFrame:
     table['corruption'] = [c.split('__')[1] if '__' in c else 'clean' for c in table.index]
     return table
 
+# %% ../nbs/14_uncertainty.ipynb #1a6d7928
 def auroc(scores, positive) -> float:
     "The probability that a random positive case scores above a random negative one (ties count half)."
     scores, positive = np.asarray(scores, float), np.asarray(positive, bool)
@@ -363,6 +367,7 @@ def risk_coverage(scores, dice) -> tuple[np.ndarray, np.ndarray]:
     k = np.arange(1, len(dice) + 1)
     return k / len(dice), 1 - np.cumsum(dice) / k
 
+# %% ../nbs/14_uncertainty.ipynb #c6349f15
 def score_quality(table: pd.DataFrame, fail_below: float = 0.5, scores=SCORES) -> pd.DataFrame:
     "Per score: Spearman ρ with Dice, AUROC for Dice < `fail_below`, AURC (and the best AURC possible)."
     t = table[np.isfinite(table['Dice'])]
@@ -386,6 +391,7 @@ def score_vs_dice_figure(table: pd.DataFrame, score: str = 'score', ax=None):
     ax.set_title(f"{score} vs Dice: Spearman ρ = {rho:.2f}", fontsize=9)
     return ax
 
+# %% ../nbs/14_uncertainty.ipynb #47db3082
 def risk_coverage_figure(table: pd.DataFrame, scores=SCORES, ax=None):
     "Risk–coverage curves of the scores, with the best possible (sorted by Dice)."
     ax = ax or plt.subplots(figsize=(5, 4))[1]
@@ -396,6 +402,7 @@ def risk_coverage_figure(table: pd.DataFrame, scores=SCORES, ax=None):
     ax.legend(fontsize=7)
     return ax
 
+# %% ../nbs/14_uncertainty.ipynb #63f18efa
 def entropy_overlay(image: np.ndarray, label: np.ndarray, entropy_map: np.ndarray, z: int | None = None,
                     ax=None):
     "A slice of the image, the predicted contour (white) and the entropy on top (hot, transparent where 0)."
@@ -408,6 +415,7 @@ def entropy_overlay(image: np.ndarray, label: np.ndarray, entropy_map: np.ndarra
     ax.set_title(f'slice {z}', fontsize=9); ax.axis('off')
     return ax
 
+# %% ../nbs/14_uncertainty.ipynb #1f70f726
 def uncertainty_figure(table: pd.DataFrame, score: str = 'score') -> Figure:
     "The score against Dice and the risk–coverage curves, side by side (a Figure of its own, not pyplot's)."
     fig = Figure(figsize=(10, 4))

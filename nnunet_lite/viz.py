@@ -28,11 +28,13 @@ def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     "The 2D slice of a `(z, y, x)` volume at `index` along `axis`, rows first: (y, x), (z, x) or (z, y)."
     return np.take(volume, index, axis=axis)
 
+# %% ../nbs/01_viz.ipynb #8ac1b272
 def viewable_planes(shape) -> list[int]:
     """The axes whose slices are real images (both other axes longer than 1):
     only axis 0 for a 2D `(1, y, x)` case."""
     return [a for a in range(3) if all(n > 1 for i, n in enumerate(shape[-3:]) if i != a)] or [0]
 
+# %% ../nbs/01_viz.ipynb #82552919
 def slice_aspect(spacing, axis: int) -> float:
     "Height/width of one pixel of a slice along `axis`, so that `imshow(aspect=...)` draws millimetres."
     rows, cols = [s for i, s in enumerate(spacing) if i != axis]
@@ -45,6 +47,7 @@ def window_from_level(width: float, level: float) -> tuple[float, float]:
     "The (low, high) range of a window of `width` centred at `level`."
     return level - width / 2, level + width / 2
 
+# %% ../nbs/01_viz.ipynb #ea905d00
 def default_window(image: np.ndarray, modality: str | None = None) -> tuple[float, float]:
     """A sensible display range: the CT soft-tissue window, else
     the 0.5-99.5 percentiles of the non-zero voxels."""
@@ -62,6 +65,7 @@ def label_colors(n_labels: int) -> np.ndarray:
     colors[0] = (0, 0, 0, 0)
     return colors
 
+# %% ../nbs/01_viz.ipynb #23156adf
 def overlay_rgba(label2d: np.ndarray, opacity: float = 0.5, n_labels: int | None = None) -> np.ndarray:
     "An RGBA image of a 2D label map: class colours at `opacity`, background transparent."
     label2d = np.clip(np.asarray(label2d).astype(int), 0, None)
@@ -78,6 +82,7 @@ def best_slice(label: np.ndarray | None, axis: int, shape=None) -> int:
     other = tuple(i for i in range(label.ndim) if i != axis)
     return int(np.argmax((label > 0).sum(axis=other)))
 
+# %% ../nbs/01_viz.ipynb #29decd29
 def show_slice(ax, image: np.ndarray | None, label: np.ndarray | None = None, axis: int = 0,
                index: int | None = None, spacing=(1.0, 1.0, 1.0), window: tuple[float, float] | None = None,
                opacity: float = 0.4, n_labels: int | None = None, title: str | None = None,
@@ -110,6 +115,7 @@ def _panel(value) -> tuple:
     if isinstance(value, tuple): return value
     return value, None
 
+# %% ../nbs/01_viz.ipynb #abdd9a56
 def _legend(fig, label_names: dict | None, n_labels: int):
     names = {v: k for k, v in (label_names or {}).items() if isinstance(v, int) and v > 0}
     if not names: names = {k: f'label {k}' for k in range(1, n_labels)}
@@ -117,6 +123,7 @@ def _legend(fig, label_names: dict | None, n_labels: int):
     fig.legend(handles=[Patch(color=colors[k], label=n) for k, n in sorted(names.items())],
                loc='lower center', ncol=min(len(names), 6), fontsize=8, frameon=False)
 
+# %% ../nbs/01_viz.ipynb #4cdaf9dd
 def show_volumes(panels: dict, spacing=(1.0, 1.0, 1.0), axes=(0, 1, 2), index: int | None = None,
                  window: tuple | None = None, opacity: float = 0.4, label_names: dict | None = None,
                  modality: str | None = None, size: float = 3.0):
@@ -156,6 +163,7 @@ def read_dataset_case(dataset_dir, case_id: str) -> tuple:
         raise KeyError(f"{dataset_dir}: no case {case_id!r} in imagesTr or imagesTs")
     return image, label, geometry, d
 
+# %% ../nbs/01_viz.ipynb #434dfa5b
 def show_case(dataset_dir, case_id: str, axes=(0, 1, 2), **kwargs):
     "Show every channel of a dataset case with its label overlay, one row per plane."
     image, label, geometry, d = read_dataset_case(dataset_dir, case_id)
@@ -239,6 +247,7 @@ class SliceViewer:
 
     def _ipython_display_(self): display(self.widget)
 
+# %% ../nbs/01_viz.ipynb #4423c50e
 def view_case(dataset_dir, case_id: str, prediction: np.ndarray | None = None, **kwargs) -> SliceViewer:
     "A `SliceViewer` of a dataset case: image, image + label, and (optionally) image + prediction."
     image, label, geometry, d = read_dataset_case(dataset_dir, case_id)
