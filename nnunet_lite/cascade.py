@@ -21,8 +21,9 @@ from .training import Trainer, default_model_dir, next_stage_folder
 from .viz import show_slice
 
 # the cascade's pieces, taught where their stage is, importable from here as one interface
-_all_ = ['plan_lowres', 'Configuration', 'previous_stage_onehot', 'with_previous_stage', 'load_previous_stage',
-         'next_stage_segmentation', 'cascade_input', 'predict_validation_cases', 'Predictor']
+_all_ = ['plan_lowres', 'Configuration', 'previous_stage_onehot', 'with_previous_stage',
+         'load_previous_stage', 'next_stage_segmentation', 'cascade_input', 'predict_validation_cases',
+         'Predictor']
 
 # %% auto #0
 __all__ = ['cascade_stages', 'train_cascade', 'cascade_input_figure', 'plan_lowres', 'Configuration', 'previous_stage_onehot',

@@ -353,7 +353,8 @@ def cmd_predict(args) -> int:
                           previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
     print(
         f"model {args.model}: {predictor.config.name}, folds"
-        f" {', '.join(map(str, predictor.folds))}, patch {list(predictor.config.patch_size)}, step {args.step},"
+        f" {', '.join(map(str, predictor.folds))}, patch {list(predictor.config.patch_size)},"
+        f" step {args.step},"
         f" mirror axes {list(predictor.mirror_axes) or 'none'}, on {predictor.device}"
     )
     t0 = time.perf_counter()

@@ -275,8 +275,8 @@ class Predictor:
             raise FileNotFoundError(
                 f"{first}: no model folder of {stage}, the first stage this cascade needs; give it "
                 f"(--prev-stage) or its predictions (--prev-stage-predictions)")
-        self.previous = Predictor(first, None, checkpoint, device, step, mirroring, weighting, fold_merge, amp,
-                                  progress=False)
+        self.previous = Predictor(first, None, checkpoint, device, step, mirroring, weighting, fold_merge,
+                                  amp, progress=False)
 
     @classmethod
     def from_networks(cls, networks, config: Configuration, dataset_json: dict, mirror_axes=(), device=None,
@@ -284,8 +284,9 @@ class Predictor:
                       amp: bool = True, progress: bool = False) -> 'Predictor':
         "A Predictor over networks in memory (in eval mode, on `device`) of configuration `config`."
         predictor = cls.__new__(cls)
-        predictor._set_up(list(networks), config, dataset_json, tuple(mirror_axes),
-                          torch.device(device or default_device()), step, weighting, fold_merge, amp, progress)
+        device = torch.device(device or default_device())
+        predictor._set_up(list(networks), config, dataset_json, tuple(mirror_axes), device, step, weighting,
+                          fold_merge, amp, progress)
         predictor.model_dir, predictor.plans, predictor.folds = None, None, None
         return predictor
 
@@ -297,7 +298,8 @@ class Predictor:
         self.device, self.step, self.weighting, self.fold_merge = device, step, weighting, fold_merge
         self.mirror_axes, self.progress = tuple(mirror_axes), progress
         self.regions = foreground_regions(dataset_json)
-        self.regions_class_order = dataset_json.get('regions_class_order') if self.regions is not None else None
+        self.regions_class_order = (
+            dataset_json.get('regions_class_order') if self.regions is not None else None)
         self.n_outputs, self.amp_dtype = n_outputs(dataset_json), amp_dtype(device) if amp else None
         self.previous, self.previous_predictions = None, None
 
@@ -306,7 +308,8 @@ class Predictor:
 @torch.inference_mode()
 def member_logits(self: Predictor, data):
     """Each network's logits (K, *spatial) of a preprocessed image (C, *spatial), on the device, float32, one
-    network at a time (a generator): the sliding window, Gaussian weighting and mirroring of every prediction."""
+    network at a time (a generator): the sliding window, Gaussian weighting and mirroring of every
+    prediction."""
     data = data if isinstance(data, torch.Tensor) else torch.tensor(np.asarray(data))
     data = data.to(self.device, torch.float32)   # once for all networks
     for net in self.networks:
@@ -318,7 +321,7 @@ def member_logits(self: Predictor, data):
 @patch
 @torch.inference_mode()
 def predict_preprocessed(self: Predictor, data) -> torch.Tensor:
-    "Logits (K, *spatial) of a preprocessed image (C, *spatial), merged over the networks; on the device, float32."
+    "Logits (K, *spatial) of a preprocessed image (C, *spatial), merged over the networks (device, float32)."
     merged, regions = None, self.regions is not None
     for logits in self.member_logits(data):
         part = logits if self.fold_merge == 'logits' else logits_to_probabilities(logits, regions)
@@ -423,7 +426,7 @@ def predict_folder(self: Predictor, in_dir, out_dir, save_probabilities: bool = 
 
 # %% ../nbs/09_inference.ipynb #957b78f2
 def fold_predictor(trainer, step: float = 0.5) -> Predictor:
-    "A Predictor over a trainer's network in memory, with the trainer's configuration, mirror axes and precision."
+    "A Predictor over a trainer's network in memory: its configuration, mirror axes and precision."
     return Predictor.from_networks([trainer.network], trainer.config, trainer.dataset_json,
                                    trainer.config.mirror_axes, trainer.device, step,
                                    amp=trainer.amp_dtype is not None)

@@ -481,7 +481,7 @@ def resampling_kwargs(plan: dict, which: str = 'data') -> dict:
 
 # %% ../nbs/03_plans.ipynb #ff9fcf7e
 def inherited_plan(plans: dict, name: str) -> dict:
-    "A configuration's entry in the plans with what it inherits filled in (a clear error if the plans lack it)."
+    "A configuration's plan entry with what it inherits filled in (a clear error if the plans lack it)."
     if name not in plans['configurations']:
         raise ValueError(f"configuration {name!r} is not in the plans (it has "
                          f"{', '.join(plans['configurations'])})")
@@ -528,12 +528,12 @@ class Configuration:
 
     @classmethod
     def from_plans(cls, plans: dict, name: str, dataset_json: dict | None = None) -> 'Configuration':
-        "Resolve configuration `name` of `plans`; a cascade stage needs `dataset_json` for its label channels."
+        "Resolve configuration `name` of `plans` (a cascade stage needs `dataset_json`: its label channels)."
         plan = inherited_plan(plans, name)
         previous = plan.get('previous_stage')
         if previous and dataset_json is None:
-            raise ValueError(f"configuration {name!r} is a cascade stage: resolving it needs the dataset.json "
-                             f"(the labels of {previous} become its input channels)")
+            raise ValueError(f"configuration {name!r} is a cascade stage: resolving it needs the "
+                             f"dataset.json (the labels of {previous} become its input channels)")
         return cls(
             name=name, spacing=tuple(float(s) for s in plan['spacing']),
             patch_size=tuple(int(p) for p in plan['patch_size']), batch_size=int(plan['batch_size']),

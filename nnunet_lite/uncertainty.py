@@ -195,8 +195,8 @@ def revert_map(volume, properties: dict, config: Configuration) -> np.ndarray:
 
 # %% ../nbs/14_uncertainty.ipynb #fc9f00c4
 class UncertaintyPredictor(Predictor):
-    """Predict with an ensemble of `method` (one of `METHODS`); write uncertainty maps and scores. Its networks
-    are the members: `member_logits` runs each in turn, as it runs the folds of a model."""
+    """Predict with an ensemble of `method` (one of `METHODS`); write uncertainty maps and scores. Its
+    networks are the members: `member_logits` runs each in turn, as it runs the folds of a model."""
     def __init__(self, model_dir, method: str = 'snapshots', folds=None, device=None, step: float = 0.5,
                  mirroring: bool = True, amp: bool = True, progress: bool = True, width: int = 1,
                  samples: int = 8, p: float = 0.1, **kwargs):

@@ -12,9 +12,9 @@ for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 
 from nnunet_lite.data import make_synthetic_dataset  # noqa: E402
 
-# Under pytest-xdist (`-n 2`) the workers share the cores: each gets its share of torch threads instead of all of
-# them, and so do the `nnlite` processes its tests start (OMP_NUM_THREADS, inherited). Oversubscribed, OpenMP's
-# spinning threads made two CLI tests running side by side 4-5x slower than alone.
+# Under pytest-xdist (`-n 2`) the workers share the cores: each gets its share of torch threads instead of all
+# of them, and so do the `nnlite` processes its tests start (OMP_NUM_THREADS, inherited). Oversubscribed,
+# OpenMP's spinning threads made two CLI tests running side by side 4-5x slower than alone.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
     share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))

@@ -2,11 +2,11 @@
 
     MPLBACKEND=Agg python tests/plot_everything.py [OUT_DIR]
 
-Imports the modules in notebook order (read from the notebooks' `#| default_exp` cells), draws each figure into a PNG
-under OUT_DIR (a temporary folder by default) and exits 1, listing what went wrong, when a drawing function raises,
-writes no or an empty PNG, or when a public function or class of the package mentions `plt.`, `Figure(` or `widgets.`
-and this script does not call it (add it to CALLS below). tests/test_house.py runs it in a fresh interpreter, so that
-nothing a notebook imported can hide a missing import.
+Imports the modules in notebook order (read from the notebooks' `#| default_exp` cells), draws each figure
+into a PNG under OUT_DIR (a temporary folder by default) and exits 1, listing what went wrong, when a drawing
+function raises, writes no or an empty PNG, or when a public function or class of the package mentions `plt.`,
+`Figure(` or `widgets.` and this script does not call it (add it to CALLS below). tests/test_house.py runs it
+in a fresh interpreter, so that nothing a notebook imported can hide a missing import.
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ DEFAULT_EXP = re.compile(r'^#\|\s*default_exp\s+(\S+)', re.M)
 
 
 def notebook_modules(nbs: Path = ROOT / 'nbs') -> list[tuple[str, str]]:
-    "(notebook file name, module) for each notebook with a `#| default_exp` cell, in notebook (file name) order."
+    "(notebook file name, module) for each notebook with a `#| default_exp` cell, in file name order."
     found = []
-    for nb in sorted((p for p in nbs.rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts), key=lambda p: p.name):
+    for nb in sorted((p for p in nbs.rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts),
+                     key=lambda p: p.name):
         for cell in json.loads(nb.read_text(encoding='utf-8'))['cells']:
             source = cell.get('source', '')
             match = DEFAULT_EXP.search(source if isinstance(source, str) else ''.join(source))
@@ -54,7 +55,7 @@ def drawing_functions(modules: dict) -> set[str]:
     return found
 
 
-# -- the calls: one per drawing function, in notebook order; each draws on `c` (the synthetic data) and saves ------
+# -- the calls: one per drawing function, in notebook order; each draws on `c` (the synthetic data), saves --
 CALLS = {}
 
 def draws(name):
@@ -85,8 +86,9 @@ def _show_slice(c, save):
 
 @draws('viz.show_volumes')
 def _show_volumes(c, save):
-    save(c.viz.show_volumes({'image': c.image[0], 'label': (c.image[0], c.label), 'only label': (None, c.label)},
-                            c.geometry.spacing, label_names=c.dataset_json['labels'], modality='CT', size=1.5))
+    volumes = {'image': c.image[0], 'label': (c.image[0], c.label), 'only label': (None, c.label)}
+    save(c.viz.show_volumes(volumes, c.geometry.spacing, label_names=c.dataset_json['labels'], modality='CT',
+                            size=1.5))
 
 
 @draws('viz.show_case')
@@ -137,7 +139,7 @@ def _plan_explorer(c, save):
         assert gpu.value == 24, gpu.value
         gpu.value = 16                # the GPU slider: plans and draws again
     figures = [o for o in shown if isinstance(o, c.Figure)]
-    assert len(figures) >= 3, f'plan_explorer displayed {shown}, expected a figure at start and after each change'
+    assert len(figures) >= 3, f'plan_explorer displayed {shown}: a figure at the start and after each change?'
     for fig in figures: save(fig)
 
 
@@ -148,8 +150,8 @@ def _draw_network(c, save):
     fig, ax = c.plt.subplots(figsize=(4, 3))
     assert c.network.draw_network(c.net, c.patch_size, ax=ax) is ax
     save(fig)
-    resenc = c.plans.plan_experiment(c.fp, c.dataset_json, preset='resenc_m')     # the residual encoder, drawn too
-    net = c.network.build_network(resenc, '3d_fullres', c.dataset_json)
+    resenc = c.plans.plan_experiment(c.fp, c.dataset_json, preset='resenc_m')   # a residual encoder, drawn
+    net = c.network.build_network(c.plans.Configuration.from_plans(resenc, '3d_fullres'), c.dataset_json)
     save(c.network.draw_network(net, resenc['configurations']['3d_fullres']['patch_size']).figure)
 
 
@@ -171,19 +173,20 @@ def _show_augmented(c, save):
     aug = c.augmentation
     data = torch.from_numpy(c.image).float()[None].expand(3, -1, -1, -1, -1).clone()
     seg = torch.from_numpy(c.label.astype(c.np.int16))[None, None].expand(3, -1, -1, -1, -1).clone()
-    out, target, drawn = aug.augment_batch(data, seg, (8, 16, 16), torch.Generator().manual_seed(0), math.radians(30),
-                                           ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]],
+    out, target, drawn = aug.augment_batch(data, seg, (8, 16, 16), torch.Generator().manual_seed(0),
+                                           math.radians(30), ds_scales=[[1, 1, 1], [0.5, 0.5, 0.5]],
                                            p=dict.fromkeys(aug.AUGMENTATION_P, 1.0))     # every transform
     fig = aug.show_augmented(out, target, drawn, titles=['a', 'b', 'c'], forced=[False, False, True])
     assert len(fig.axes) == 2 * 3, f'show_augmented drew {len(fig.axes)} axes for 3 samples, expected 6'
     save(fig)
     save(aug.show_augmented(out[:, :, 4], target[0][:, :, 4]))                       # 2D, nothing drawn
-    save(aug.show_augmented(out, torch.cat([target[0] > 0, target[0] > 1], 1)))        # a region target (B, 2, ...)
+    save(aug.show_augmented(out, torch.cat([target[0] > 0, target[0] > 1], 1)))       # a region target (B, 2)
     # a real batch of the training stream: read, augmented, the forced sample marked
-    folder = c.preprocessing.preprocess_dataset(c.raw, c.plan, '3d_fullres', c.tmp / 'pre_augmented', progress=False)
-    settings = c.dataloading.pipeline_settings(c.plan, '3d_fullres', c.dataset_json)
-    batches = c.dataloading.TrainingBatches(c.dataloading.PreprocessedDataset(folder), settings, seed=0, batch_size=3,
-                                            threads=1)
+    folder = c.preprocessing.preprocess_dataset(c.raw, c.plan, '3d_fullres', c.tmp / 'pre_augmented',
+                                                progress=False)
+    settings = c.dataloading.pipeline_settings(c.config, c.dataset_json)
+    batches = c.dataloading.TrainingBatches(c.dataloading.PreprocessedDataset(folder), settings, seed=0,
+                                            batch_size=3, threads=1)
     try: batch = next(batches)
     finally: batches.close()
     save(aug.show_augmented(batch['data'], batch['target'], batch['drawn'], titles=batch['keys'],
@@ -242,14 +245,16 @@ def _candidates_figure(c, save):
     dice = {'2d': 0.71, '3d_fullres': 0.78, 'ensemble___2d___3d_fullres___0_1_2_3_4': 0.79}
     sources = {}
     for name, d in dice.items():
-        source = results / (f'ensembles/{name}' if name.startswith('ensemble') else f'{name}/crossval_results_folds_0_1_2_3_4')
+        source = results / (f'ensembles/{name}' if name.startswith('ensemble')
+                            else f'{name}/crossval_results_folds_0_1_2_3_4')
         summary = {'foreground_mean': {'Dice': d}, 'mean': {'1': {'Dice': d - .05}, '2': {'Dice': d + .05}},
                    'metric_per_case': []}
         c.data.write_json(source / 'summary.json', summary)
         sources[name] = str(source.relative_to(results))
     best = {'name': 'ensemble___2d___3d_fullres___0_1_2_3_4', 'result_on_crossval_post_pp': 0.8}
     c.data.write_json(results / 'inference_instructions.json', {
-        'folds': [0, 1, 2, 3, 4], 'all_results': dice, 'crossval_predictions': sources, 'best_model_or_ensemble': best})
+        'folds': [0, 1, 2, 3, 4], 'all_results': dice, 'crossval_predictions': sources,
+        'best_model_or_ensemble': best})
     save(c.ensembling.candidates_figure(results / 'inference_instructions.json'))
 
 
@@ -292,14 +297,16 @@ def synthetic(modules: dict, tmp: Path) -> SimpleNamespace:
     from matplotlib.figure import Figure
     c = SimpleNamespace(**modules, plt=plt, np=np, Figure=Figure, tmp=tmp)
     data = c.data
-    c.raw = data.make_synthetic_dataset(tmp / 'ct', 'ct', n_train=3, n_test=1, progress=False, shape=(12, 20, 20))
+    c.raw = data.make_synthetic_dataset(tmp / 'ct', 'ct', n_train=3, n_test=1, progress=False,
+                                        shape=(12, 20, 20))
     c.dataset_json = data.read_dataset_json(c.raw)
     c.train_id = sorted(data.training_cases(c.raw, c.dataset_json))[0]
     c.test_id = sorted(data.held_out_cases(c.raw, c.dataset_json))[0]
     c.image, c.label, c.geometry, _ = c.viz.read_dataset_case(c.raw, c.train_id)
     c.fp = c.fingerprint.extract_fingerprint(c.raw, workers=1, progress=False, keep_samples=True)
     c.plan = c.plans.plan_experiment(c.fp, c.dataset_json)
-    c.net = c.network.build_network(c.plan, '3d_fullres', c.dataset_json)
+    c.config = c.plans.Configuration.from_plans(c.plan, '3d_fullres', c.dataset_json)
+    c.net = c.network.build_network(c.config, c.dataset_json)
     c.patch_size = c.plan['configurations']['3d_fullres']['patch_size']
     return c
 
@@ -319,16 +326,19 @@ def main(out: Path) -> int:
             pngs.append(path)
             c.plt.close(fig)
         try:
-            with contextlib.redirect_stdout(io.StringIO()): call(c, save)  # widgets' Output prints outside a notebook
+            # the widgets' Output prints outside a notebook
+            with contextlib.redirect_stdout(io.StringIO()): call(c, save)
         except Exception as e:
-            problems.append(f"{name}: {type(e).__name__}: {e}\n" + ''.join(traceback.format_tb(e.__traceback__)[-2:]))
+            where = ''.join(traceback.format_tb(e.__traceback__)[-2:])
+            problems.append(f"{name}: {type(e).__name__}: {e}\n" + where)
             continue
         bad = [p.name for p in pngs if not p.is_file() or p.read_bytes()[:8] != PNG or p.stat().st_size < 100]
         if not pngs: problems.append(f"{name}: no PNG written")
         elif bad: problems.append(f"{name}: empty or not a PNG: {', '.join(bad)}")
         else: print(f"ok {name}: {len(pngs)} PNG")
     for name in sorted(drawing_functions(modules) - set(CALLS)):
-        problems.append(f"{name}: draws (mentions plt./Figure(/widgets.) but {Path(__file__).name} does not call it")
+        problems.append(f"{name}: draws (mentions plt./Figure(/widgets.) but {Path(__file__).name} "
+                        "does not call it")
     for p in problems: print('FAILED', p, file=sys.stderr)
     return 1 if problems else 0
 

@@ -11,19 +11,21 @@ What it provides:
   (`ExperimentPlanner.plan_experiment()`) computed from a fingerprint alone, without any images.
 - `make_fingerprint(spacings, shapes_after_crop, ...)`: a synthetic fingerprint in the reference's exact
   schema, plus a matching dataset.json, for feeding `reference_plans` (and our own planner).
+- `reference_trainer(plans, configuration, dataset_json)`: the reference's `nnUNetTrainer` for a plans dict,
+  on the CPU and not initialised, to read its hyperparameters, optimiser and deep-supervision weights.
 
 How the reference finds its data. nnunetv2 locates everything through three folders named by the environment
-variables `nnUNet_raw`, `nnUNet_preprocessed` and `nnUNet_results` (`nnunetv2/paths.py`), and addresses a dataset
-by a folder name of the form `DatasetXXX_Name` inside them. In nnunetv2 2.8.x the module-level names in
-`nnunetv2.paths` are lazy objects that read `os.environ` every time they are used, so setting the variables is
-enough, even after import. Older releases read the variables once at import time and many modules copy them with
-`from nnunetv2.paths import nnUNet_raw`; for those, `_reference_paths` also rewrites every such module-level
-string in the loaded `nnunetv2.*` modules for the duration of a call and puts the old values back afterwards.
+variables `nnUNet_raw`, `nnUNet_preprocessed` and `nnUNet_results` (`nnunetv2/paths.py`), and addresses a
+dataset by a folder name of the form `DatasetXXX_Name` inside them. In nnunetv2 2.8.x the module-level names
+in `nnunetv2.paths` are lazy objects that read `os.environ` every time they are used, so setting the variables
+is enough, even after import. Older releases read the variables once at import time and many modules copy them
+with `from nnunetv2.paths import nnUNet_raw`; for those, `_reference_paths` also rewrites every such
+module-level string in the loaded `nnunetv2.*` modules while a call runs, and restores them afterwards.
 
 Every call builds its own throw-away `nnUNet_raw` / `nnUNet_preprocessed` / `nnUNet_results` under a fresh
 temporary directory, which is removed afterwards, so repeated calls in one process are independent.
 The reference's prints (reader/writer choice, planner configurations, tracebacks of readers it tries and
-rejects) are swallowed; if the reference raises, what it printed is replayed on stderr before the error propagates.
+rejects) are swallowed; if it raises, what it printed is replayed on stderr before the error propagates.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pytest
 
-__all__ = ["reference_fingerprint", "reference_plans", "reference_preprocess_case", "make_fingerprint", "DEFAULT_DATASET_NAME"]
+__all__ = ["reference_fingerprint", "reference_plans", "reference_preprocess_case", "reference_trainer",
+           "make_fingerprint", "DEFAULT_DATASET_NAME"]
 
 
 REQUIRE_REFERENCE_VARIABLE = "NNLITE_REQUIRE_REFERENCE"
@@ -49,16 +52,18 @@ REQUIRE_REFERENCE_VARIABLE = "NNLITE_REQUIRE_REFERENCE"
 
 def require_reference():
     """The conformance oracle `nnunetv2`, for a test module to call before it uses the reference. Where the
-    reference is not installed the module is skipped, except when NNLITE_REQUIRE_REFERENCE=1 (set by .ci/run):
-    then a missing or broken install fails the run instead of silently turning the conformance suite into skips."""
+    reference is not installed the module is skipped, except when NNLITE_REQUIRE_REFERENCE=1 (set by
+    .ci/run): then a missing or broken install fails the run instead of silently turning the conformance
+    suite into skips."""
     if os.environ.get(REQUIRE_REFERENCE_VARIABLE) == "1":
         try:
             import nnunetv2
         except Exception as e:
-            raise RuntimeError(f"{REQUIRE_REFERENCE_VARIABLE}=1 but the conformance oracle nnunetv2 does not import: "
-                               f"{type(e).__name__}: {e}") from e
+            raise RuntimeError(f"{REQUIRE_REFERENCE_VARIABLE}=1 but the conformance oracle nnunetv2 does not "
+                               f"import: {type(e).__name__}: {e}") from e
         return nnunetv2
-    return pytest.importorskip("nnunetv2", reason="the conformance oracle nnunetv2 is installed with the dev extra")
+    return pytest.importorskip("nnunetv2",
+                               reason="the conformance oracle nnunetv2 is installed with the dev extra")
 
 
 _PATH_VARS = {"nnUNet_raw": "nnUNet_raw", "nnUNet_preprocessed": "nnUNet_preprocessed",
@@ -72,9 +77,9 @@ _NATURAL_2D_ENDINGS = (".png", ".bmp")
 _TIF_ENDINGS = (".tif", ".tiff")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # plumbing: temporary nnU-Net folders, quiet execution, json
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _loaded_nnunetv2_modules() -> list:
     return [m for n, m in list(sys.modules.items())
@@ -86,16 +91,16 @@ def _reference_paths(root: Path) -> Iterator[dict[str, Path]]:
     """Point nnunetv2 at fresh `nnUNet_raw`, `nnUNet_preprocessed`, `nnUNet_results` folders under `root`.
 
     Sets the environment variables (which is all nnunetv2 >= 2.8 needs: its path objects read the environment
-    lazily, and spawned worker processes inherit it) and, for older nnunetv2 releases that froze the paths into
-    plain strings at import time, rewrites those strings in every loaded `nnunetv2.*` module. Everything is
-    restored on exit. Yields {variable name: folder}.
+    lazily, and spawned worker processes inherit it) and, for older nnunetv2 releases that froze the paths
+    into plain strings at import time, rewrites those strings in every loaded `nnunetv2.*` module. Everything
+    is restored on exit. Yields {variable name: folder}.
     """
     folders = {var: root / sub for var, sub in _PATH_VARS.items()}
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
     saved_env = {var: os.environ.get(var) for var in folders}
     os.environ.update({var: str(f) for var, f in folders.items()})
-    # import only now, so that a first import of an old-style nnunetv2.paths already sees the temporary folders
+    # imported only now, so that a first import of an old-style nnunetv2.paths sees the temporary folders
     import nnunetv2.paths as ref_paths
     originals = {var: getattr(ref_paths, var, None) for var in folders}
     frozen = {var: v is None or isinstance(v, str) for var, v in originals.items()}
@@ -103,7 +108,7 @@ def _reference_paths(root: Path) -> Iterator[dict[str, Path]]:
     def patch():
         for mod in _loaded_nnunetv2_modules():
             for var, f in folders.items():
-                if frozen[var] and var in vars(mod) and (vars(mod)[var] is None or isinstance(vars(mod)[var], str)):
+                if frozen[var] and var in vars(mod) and isinstance(vars(mod)[var], (str, type(None))):
                     setattr(mod, var, str(f))
 
     patch()
@@ -168,25 +173,25 @@ def _check_dataset_name(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # fingerprint
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def reference_fingerprint(raw_dataset_dir, num_processes: int = 1,
                           dataset_name: str = DEFAULT_DATASET_NAME) -> dict:
     """The dataset fingerprint the reference computes for the raw dataset at `raw_dataset_dir`.
 
-    The folder must be in nnU-Net v2 raw layout (dataset.json, imagesTr/CASE_XXXX<ending>, labelsTr/CASE<ending>),
-    but its name may be anything: it is symlinked into a temporary `nnUNet_raw` as `dataset_name`
-    (`DatasetXXX_Name`, which the reference requires). `DatasetFingerprintExtractor(...).run()` then reads every
-    training case (in a 'spawn' multiprocessing pool of `num_processes` workers, as the reference always does; a
-    script calling this needs an `if __name__ == '__main__':` guard) and writes
+    The folder must be in nnU-Net v2 raw layout (dataset.json, imagesTr/CASE_XXXX<ending>,
+    labelsTr/CASE<ending>), but its name may be anything: it is symlinked into a temporary `nnUNet_raw` as
+    `dataset_name` (`DatasetXXX_Name`, which the reference requires). `DatasetFingerprintExtractor(...).run()`
+    then reads every training case (in a 'spawn' multiprocessing pool of `num_processes` workers, as the
+    reference always does; a script calling this needs an `if __name__ == '__main__':` guard) and writes
     `nnUNet_preprocessed/<dataset_name>/dataset_fingerprint.json`.
 
     Returns the content of that json file, i.e. exactly what the reference's planner later reads: keys
-    'spacings' and 'shapes_after_crop' (one (z, y, x) list per case, in the order of the sorted case identifiers),
-    'foreground_intensity_properties_per_channel' (keyed by channel index as a *string*, '0', '1', ...) and
-    'median_relative_size_after_cropping'. Nothing is written next to the input dataset.
+    'spacings' and 'shapes_after_crop' (one (z, y, x) list per case, in the order of the sorted case
+    identifiers), 'foreground_intensity_properties_per_channel' (keyed by channel index as a *string*, '0',
+    '1', ...) and 'median_relative_size_after_cropping'. Nothing is written next to the input dataset.
     """
     raw = Path(raw_dataset_dir).resolve()
     if not (raw / "dataset.json").is_file():
@@ -203,9 +208,9 @@ def reference_fingerprint(raw_dataset_dir, num_processes: int = 1,
         return _read_json(folders["nnUNet_preprocessed"] / name / "dataset_fingerprint.json")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # plans
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _looks_2d(fingerprint: Mapping) -> bool:
     "True if every case is a single slice (how the reference stores 2D images: shape (1, H, W))."
@@ -216,8 +221,8 @@ def _write_dummy_image(path_without_ending: Path, file_ending: str, two_d: bool)
     """Write a tiny image that the reference reader for `file_ending` can open; return its path.
 
     The planner reads exactly one training image, and only to choose the image reader/writer class
-    (plans['image_reader_writer']) by trying the readers registered for the file ending in order. The content is
-    irrelevant; only the format has to match what a real dataset of this ending would be read with.
+    (plans['image_reader_writer']) by trying the readers registered for the file ending in order. The content
+    is irrelevant; only the format has to match what a real dataset of this ending would be read with.
     """
     import SimpleITK as sitk
 
@@ -226,7 +231,7 @@ def _write_dummy_image(path_without_ending: Path, file_ending: str, two_d: bool)
     if ending in _NATURAL_2D_ENDINGS or (ending in _TIF_ENDINGS and two_d):
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.uint8)), str(path))
     elif ending in _TIF_ENDINGS:
-        import tifffile  # a 3D stack; shape chosen so that the 2D reader cannot mistake it for an RGB(A) image
+        import tifffile  # a 3D stack; its shape keeps the 2D reader from taking it for an RGB(A) image
         tifffile.imwrite(str(path), np.zeros((2, 5, 6), np.float32))
         _write_json({"spacing": [1.0, 1.0, 1.0]}, path.parent / (path_without_ending.name[:-5] + ".json"))
     else:  # .nii.gz, .nii, .nrrd, .mha, .gipl, ...: SimpleITK writes them all
@@ -235,7 +240,7 @@ def _write_dummy_image(path_without_ending: Path, file_ending: str, two_d: bool)
 
 
 def _find_planner_class(planner):
-    "A planner class, given as a class or by class name (searched in nnunetv2.experiment_planning, like the CLI)."
+    "A planner class, given as a class or by name (searched for in nnunetv2.experiment_planning, as the CLI)."
     if not isinstance(planner, str):
         return planner
     import nnunetv2
@@ -249,22 +254,22 @@ def _find_planner_class(planner):
 
 def reference_plans(fingerprint: Mapping, dataset_json: Mapping, gpu_memory_gb: float | None = 8,
                     planner="ExperimentPlanner", dataset_name: str = DEFAULT_DATASET_NAME) -> dict:
-    """The plans (content of nnUNetPlans.json) the reference experiment planner makes from a fingerprint alone.
+    """The plans (the content of nnUNetPlans.json) the reference's planner makes from a fingerprint alone.
 
     `fingerprint` is a dict in the schema of dataset_fingerprint.json (from `reference_fingerprint`,
     `make_fingerprint` or our own code); `dataset_json` the dataset.json dict. `planner` is a planner class or
     its class name (e.g. 'ExperimentPlanner', 'nnUNetPlannerResEncM'); `gpu_memory_gb` is passed as
-    `gpu_memory_target_in_gb` (None keeps the planner's own default, which differs for the ResEnc L/XL planners).
+    `gpu_memory_target_in_gb` (None keeps the planner's own default, which the ResEnc L/XL planners change).
 
     What the reference needs besides the fingerprint, all laid out in a temporary tree:
-    - `nnUNet_preprocessed/<name>/dataset_fingerprint.json`: the fingerprint (the constructor raises without it);
-    - `nnUNet_raw/<name>/dataset.json`: it uses 'channel_names' (number of input channels and the normalization
-      scheme per channel), 'labels' (number of network outputs), 'numTraining' (dataset size, which caps the batch
-      size at 5% of the dataset's voxels) and 'file_ending';
+    - `nnUNet_preprocessed/<name>/dataset_fingerprint.json`: the fingerprint (the constructor needs it);
+    - `nnUNet_raw/<name>/dataset.json`: it uses 'channel_names' (number of input channels and the
+      normalization scheme per channel), 'labels' (number of network outputs), 'numTraining' (dataset size,
+      which caps the batch size at 5% of the dataset's voxels) and 'file_ending';
     - one readable training image `nnUNet_raw/<name>/imagesTr/<case>_0000<file_ending>`: the constructor lists
-      imagesTr, and `plan_experiment` opens the first image only to pick 'image_reader_writer'. A tiny dummy of
-      the right format is written; nothing else in the plans depends on it. If `dataset_json` lists its files
-      explicitly (a 'dataset' key), that list is replaced by the dummy.
+      imagesTr, and `plan_experiment` opens the first image only to pick 'image_reader_writer'. A tiny dummy
+      of the right format is written; nothing else in the plans depends on it. If `dataset_json` lists its
+      files explicitly (a 'dataset' key), that list is replaced by the dummy.
     `plan_experiment()` is then called; it also builds candidate networks on the CPU to estimate VRAM use.
     Returns the plans as read back from the json file the planner writes (tuples become lists, etc.).
     """
@@ -275,10 +280,11 @@ def reference_plans(fingerprint: Mapping, dataset_json: Mapping, gpu_memory_gb: 
         raw = folders["nnUNet_raw"] / name
         (raw / "imagesTr").mkdir(parents=True)
         (raw / "labelsTr").mkdir()
-        dummy = _write_dummy_image(raw / "imagesTr" / "oracle_dummy_0000", file_ending, _looks_2d(fingerprint))
+        dummy = _write_dummy_image(raw / "imagesTr" / "oracle_dummy_0000", file_ending,
+                                   _looks_2d(fingerprint))
         if "dataset" in dataset_json:
-            dataset_json["dataset"] = {"oracle_dummy": {"images": [str(dummy)],
-                                                        "label": str(raw / "labelsTr" / ("oracle_dummy" + file_ending))}}
+            label = raw / "labelsTr" / ("oracle_dummy" + file_ending)
+            dataset_json["dataset"] = {"oracle_dummy": {"images": [str(dummy)], "label": str(label)}}
         _write_json(dataset_json, raw / "dataset.json")
         _write_json(fingerprint, folders["nnUNet_preprocessed"] / name / "dataset_fingerprint.json")
 
@@ -287,14 +293,16 @@ def reference_plans(fingerprint: Mapping, dataset_json: Mapping, gpu_memory_gb: 
         with _quiet():
             experiment_planner = cls(name, **kwargs)
             experiment_planner.plan_experiment()
-        return _read_json(folders["nnUNet_preprocessed"] / name / (experiment_planner.plans_identifier + ".json"))
+        plans_file = experiment_planner.plans_identifier + ".json"
+        return _read_json(folders["nnUNet_preprocessed"] / name / plans_file)
 
 
-def reference_preprocess_case(image_files, label_file, plans: Mapping, configuration: str, dataset_json: Mapping):
-    """One case through the reference's `DefaultPreprocessor.run_case`: (data, seg, properties) as it returns them.
+def reference_preprocess_case(image_files, label_file, plans: Mapping, configuration: str,
+                              dataset_json: Mapping):
+    """One case through the reference's `DefaultPreprocessor.run_case`: (data, seg, properties), as returned.
 
-    `plans` is a plans dict in v2's schema (ours or the reference's), `dataset_json` the dataset.json dict; the
-    files are read with the plans' `image_reader_writer`. Needs no nnU-Net folders: run_case works on files.
+    `plans` is a plans dict in v2's schema (ours or the reference's), `dataset_json` the dataset.json dict;
+    the files are read with the plans' `image_reader_writer`. No nnU-Net folders: run_case works on files.
     """
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -305,9 +313,33 @@ def reference_preprocess_case(image_files, label_file, plans: Mapping, configura
             plans_manager.get_configuration(configuration), json.loads(json.dumps(dataset_json)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# trainer
+# ------------------------------------------------------------------------------------------------------------
+
+def reference_trainer(plans: Mapping, configuration: str, dataset_json: Mapping, fold: int = 0):
+    """The reference's `nnUNetTrainer` for `plans`, on the CPU and not initialised (no network, no data), to
+    read what it sets up: its hyperparameters (`initial_lr`, `weight_decay`, `num_epochs`, ...),
+    `_build_loss()` (the deep-supervision weights), `configure_optimizers()` once it is given a `network`.
+
+    The constructor makes its output folder under `nnUNet_results`: that lives in a temporary workspace,
+    removed before this returns, and the trainer's log file is switched off (`print_to_log_file` does
+    nothing), so nothing it does afterwards writes there. `plans` and `dataset_json` are copied (the
+    constructor pops a key of `plans`).
+    """
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    plans = {**json.loads(json.dumps(plans)), "continue_training": False}
+    with _workspace("nnunet_ref_trainer_") as root, _reference_paths(root), _quiet():
+        trainer = nnUNetTrainer(plans, configuration, fold, json.loads(json.dumps(dataset_json)),
+                                device=torch.device("cpu"))
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------------------
 # synthetic fingerprints
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")
 _DEFAULT_INTENSITY = {"mean": 100.0, "median": 90.0, "std": 60.0, "min": -200.0, "max": 1200.0,
@@ -331,15 +363,15 @@ def make_fingerprint(spacings, shapes_after_crop, channel_names: Sequence[str] =
                      num_cases: int | None = None, file_ending: str = ".nii.gz") -> tuple[dict, dict]:
     """A synthetic dataset fingerprint in the reference's exact schema, and a matching dataset.json dict.
 
-    `spacings` and `shapes_after_crop` are per case, in (z, y, x) order as the reference stores them; either may
-    also be a single triple, repeated for every case (the number of cases then comes from the other argument,
-    or from `num_cases` if both are single triples). A 2D dataset is represented as the reference does it: shape
-    (1, H, W), spacing (999, sy, sx).
+    `spacings` and `shapes_after_crop` are per case, in (z, y, x) order as the reference stores them; either
+    may also be a single triple, repeated for every case (the number of cases then comes from the other
+    argument, or from `num_cases` if both are single triples). A 2D dataset is represented as the reference
+    does it: shape (1, H, W), spacing (999, sy, sx).
 
     `intensity` gives 'foreground_intensity_properties_per_channel': None (a made-up, plausible set of
     statistics for every channel), one dict for all channels, or a list of dicts, one per channel; each dict
     has the keys mean, median, std, min, max, percentile_99_5, percentile_00_5 (missing keys take the made-up
-    values). The planner only copies these into the plans; the CT normalization uses them at preprocessing time.
+    values). The planner only copies these into the plans; CT normalization uses them in preprocessing.
 
     The fingerprint is what json.load gives for a reference dataset_fingerprint.json: channel keys are strings
     ('0', '1', ...), spacings floats, shapes ints. The dataset.json has channel_names {'0': name, ...}, labels
@@ -355,7 +387,8 @@ def make_fingerprint(spacings, shapes_after_crop, channel_names: Sequence[str] =
     sp = _per_case(spacings_arr, n, "spacings")
     sh = _per_case(shapes_arr, n, "shapes_after_crop")
     if len(sp) != len(sh) or (num_cases is not None and len(sp) != num_cases):
-        raise ValueError(f"inconsistent numbers of cases: {len(sp)} spacings, {len(sh)} shapes, num_cases={num_cases}")
+        raise ValueError(f"inconsistent numbers of cases: {len(sp)} spacings, {len(sh)} shapes, "
+                         f"num_cases={num_cases}")
     if any(len(s) != 3 for s in sp + sh):
         raise ValueError("spacings and shapes must be (z, y, x) triples (2D: (999, y, x) and (1, y, x))")
 

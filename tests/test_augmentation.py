@@ -1,5 +1,6 @@
-"""The whole training pipeline (`augment_batch`, `TrainingBatches`): probabilities measured over many batches, label
-integrity under every spatial transform in 3D, dummy 2D and 2D, masking, foreground share, determinism."""
+"""The whole training pipeline (`augment_batch`, `TrainingBatches`): probabilities measured over many
+batches, label integrity under every spatial transform in 3D, dummy 2D and 2D, masking, foreground share and
+determinism."""
 import json
 import math
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from nnunet_lite.augmentation import AUGMENTATION_P, applied_transforms, augment_batch
-from nnunet_lite.dataloading import (PreprocessedDataset, TrainingBatches, augmentation_geometry, pipeline_settings,
-                                     source_patch_size, training_regions)
+from nnunet_lite.dataloading import (PreprocessedDataset, TrainingBatches, augmentation_geometry,
+                                     pipeline_settings, source_patch_size, training_regions)
 from nnunet_lite.fingerprint import extract_fingerprint
-from nnunet_lite.plans import plan_experiment
+from nnunet_lite.plans import Configuration, mirrored_axes, plan_experiment
 from nnunet_lite.preprocessing import preprocess_dataset, sample_class_locations, save_case
 
 
@@ -28,7 +29,8 @@ def test_pipeline_applies_each_transform_with_its_probability():
     for _ in range(n_batches):
         data = torch.randn(b, 2, 6, 7, 8, generator=g)
         seg = torch.randint(-1, 3, (b, 1, 6, 7, 8), generator=g).to(torch.int16)
-        _, _, drawn = augment_batch(data, seg, (4, 5, 6), g, rotation=math.radians(30), ds_scales=[[1, 1, 1], [.5, .5, .5]])
+        _, _, drawn = augment_batch(data, seg, (4, 5, 6), g, rotation=math.radians(30),
+                                    ds_scales=[[1, 1, 1], [.5, .5, .5]])
         counts['rotated'] += drawn['spatial']['rotated'].sum().item()
         counts['scaled'] += drawn['spatial']['scaled'].sum().item()
         for k in ('noise', 'blur', 'brightness', 'contrast', 'low_resolution', 'inverted_gamma', 'gamma'):
@@ -54,7 +56,8 @@ def phantom(shape, n_labels=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(1, n_labels, *[max(2, s // 10) for s in shape], generator=g)
     mode = 'trilinear' if len(shape) == 3 else 'bilinear'
-    seg = torch.nn.functional.interpolate(coarse, size=list(shape), mode=mode).argmax(1, keepdim=True).to(torch.int16)
+    seg = torch.nn.functional.interpolate(coarse, size=list(shape), mode=mode).argmax(1, keepdim=True)
+    seg = seg.to(torch.int16)
     seg[(slice(None), slice(None)) + tuple(slice(0, max(1, s // 5)) for s in shape)] = -1
     return seg
 
@@ -68,16 +71,19 @@ def test_labels_stay_aligned_with_the_image(kind):
     seg = phantom(source).expand(12, -1, *[-1] * len(source)).clone()
     image = seg.clamp(min=0).float()
     spatial_only = {**{k: 0.0 for k in AUGMENTATION_P}, 'rotation': 1.0, 'scaling': 1.0, 'mirror': 0.5}
-    out, target, drawn = augment_batch(image, seg, patch, torch.Generator().manual_seed(1), geometry['rotation'],
-                                       geometry['dummy_2d'], geometry['mirror_axes'], p=spatial_only)
+    g = torch.Generator().manual_seed(1)
+    out, target, drawn = augment_batch(image, seg, patch, g, geometry['rotation'], geometry['dummy_2d'],
+                                       mirrored_axes(patch), p=spatial_only)
     exact = (out - out.round()).abs() < 1e-4
     assert exact.float().mean() > 0.5
     assert (out.round().to(torch.int16) == target)[exact].float().mean() > 0.999
-    if kind == 'dummy_2d':   # the slice axis is neither rotated nor resampled: each output slice comes from its source slice
+    # dummy 2D: the slice axis is neither rotated nor resampled, each output slice comes from its source slice
+    if kind == 'dummy_2d':
         assert (drawn['spatial']['affine'][:, 0] == torch.tensor([1., 0, 0], dtype=torch.float64)).all()
     # and with every transform on, labels only take values they had (-1 became 0)
-    _, target_all, _ = augment_batch(image, seg, patch, torch.Generator().manual_seed(2), geometry['rotation'],
-                                     geometry['dummy_2d'], geometry['mirror_axes'], p={k: 1.0 for k in AUGMENTATION_P})
+    _, target_all, _ = augment_batch(image, seg, patch, torch.Generator().manual_seed(2),
+                                     geometry['rotation'], geometry['dummy_2d'], mirrored_axes(patch),
+                                     p={k: 1.0 for k in AUGMENTATION_P})
     assert set(target_all.unique().tolist()) <= set(seg.unique().tolist()) - {-1} | {0}
 
 
@@ -93,8 +99,8 @@ def test_mirroring_moves_image_and_label_together():
 def test_masked_channels_are_zero_outside():
     seg = phantom((12, 14, 16)).expand(4, -1, -1, -1, -1).clone()
     image = torch.randn(4, 2, 12, 14, 16) + 5
-    out, _, _ = augment_batch(image, seg, (12, 14, 16), torch.Generator().manual_seed(0), 0.0, mask_channels=[1],
-                              p={k: 0.0 for k in AUGMENTATION_P})
+    out, _, _ = augment_batch(image, seg, (12, 14, 16), torch.Generator().manual_seed(0), 0.0,
+                              mask_channels=[1], p={k: 0.0 for k in AUGMENTATION_P})
     outside = (seg < 0).expand(-1, 1, -1, -1, -1)
     assert (out[:, 1:][outside] == 0).all() and (out[:, :1][outside] != 0).all()
 
@@ -122,23 +128,26 @@ def sparse_settings(batch_size=3):
     patch = [16, 20, 20]
     g = augmentation_geometry(patch)
     return {'patch_size': patch, 'source_patch_size': source_patch_size(patch, g['rotation'], g['dummy_2d']),
-            'batch_size': batch_size, **g, 'mask_channels': [], 'ds_scales': [[1, 1, 1], [.5, .5, .5]], 'regions': None}
+            'batch_size': batch_size, **g, 'mirror_axes': mirrored_axes(patch), 'mask_channels': [],
+            'ds_scales': [[1, 1, 1], [.5, .5, .5]], 'regions': None}
 
 
 def test_augmented_batches_keep_a_third_foreground(sparse_folder):
     batches = TrainingBatches(PreprocessedDataset(sparse_folder), sparse_settings(3), seed=0)
     try:
-        seen = np.array([[(b['target'][0][i] > 0).any().item() for i in range(3)] for b in (next(batches) for _ in range(60))])
+        seen = np.array([[(b['target'][0][i] > 0).any().item() for i in range(3)]
+                         for b in (next(batches) for _ in range(60))])
     finally:
         batches.close()
-    assert seen[:, 2].all()               # the forced sample (the last of 3) always shows the lesion, augmented or not
+    assert seen[:, 2].all()               # the forced sample (the last of 3) shows the lesion, augmented too
     assert seen.mean() >= 0.33
     assert seen[:, :2].mean() < 0.3       # the others are random: the lesion is small
 
 
 def test_same_seed_same_batches_whatever_the_threads(sparse_folder):
     def take(seed, threads, n=5):
-        batches = TrainingBatches(PreprocessedDataset(sparse_folder), sparse_settings(2), seed=seed, threads=threads)
+        batches = TrainingBatches(PreprocessedDataset(sparse_folder), sparse_settings(2), seed=seed,
+                                  threads=threads)
         try:
             return [next(batches) for _ in range(n)]
         finally:
@@ -164,21 +173,24 @@ def test_validation_batches_are_final_size_without_augmentation(sparse_folder):
 
 
 def test_pipeline_settings_from_plans(datasets, tmp_path):
+    # the channels normalised within the image's non-zero mask: both of the cropped MR's, never CT's
+    masked = {'mr': [0, 1], 'ct_aniso': [], 'ct2d': []}
+    mirrored = {'2d': (0, 1), '3d_fullres': (0, 1, 2)}   # every spatial axis of the patch
     for kind in ('mr', 'ct_aniso', 'ct2d'):
         raw = datasets[kind]
         dataset_json = json.loads((raw / 'dataset.json').read_text())
         plans = plan_experiment(extract_fingerprint(raw, progress=False), dataset_json)
         for name, cfg in plans['configurations'].items():
             if 'patch_size' not in cfg: continue
-            s = pipeline_settings(plans, name, dataset_json)
+            s = pipeline_settings(Configuration.from_plans(plans, name, dataset_json), dataset_json)
             assert s['patch_size'] == cfg['patch_size'] and s['batch_size'] == cfg['batch_size']
             assert len(s['ds_scales']) == len(cfg['architecture']['arch_kwargs']['strides']) - 1
             assert s['ds_scales'][0] == [1.0] * len(cfg['patch_size'])
-            assert s['mask_channels'] == [i for i, m in enumerate(cfg['use_mask_for_norm']) if m]
-            assert s['mirror_axes'] == tuple(range(len(cfg['patch_size'])))
-        if kind == 'mr':   # train a few augmented batches from the real preprocessed data (2 channels, masking)
+            assert s['mask_channels'] == masked[kind], (kind, name)
+            assert s['mirror_axes'] == mirrored[name], (kind, name)
+        if kind == 'mr':   # a few augmented batches of the real preprocessed data (2 channels, masking)
             folder = preprocess_dataset(raw, plans, '3d_fullres', tmp_path / 'pp', progress=False)
-            s = pipeline_settings(plans, '3d_fullres', dataset_json)
+            s = pipeline_settings(Configuration.from_plans(plans, '3d_fullres', dataset_json), dataset_json)
             batches = TrainingBatches(PreprocessedDataset(folder), s, seed=0)
             try:
                 for _ in range(3):
@@ -191,7 +203,8 @@ def test_pipeline_settings_from_plans(datasets, tmp_path):
 
 def test_training_regions():
     assert training_regions({'labels': {'background': 0, 'a': 1, 'b': 2}}) is None
-    regions = training_regions({'labels': {'background': 0, 'whole': [1, 2, 3], 'core': [2, 3], 'enhancing': 3}})
+    regions = training_regions({'labels': {'background': 0, 'whole': [1, 2, 3], 'core': [2, 3],
+                                           'enhancing': 3}})
     assert regions == [(1, 2, 3), (2, 3), (3,)]
     with_ignore = training_regions({'labels': {'background': 0, 'whole': [1, 2], 'core': 2, 'ignore': 3}})
     assert with_ignore == [(1, 2), (2,), (3,)]

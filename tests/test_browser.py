@@ -1,7 +1,7 @@
-"""The notebooks seen working in a real JupyterLab: headless Chromium (Debian's `chromium`, driven by Playwright) opens
-the slice-viewer and plan-explorer notebooks, runs them, moves a slider and checks the figure changed. Screenshots are
-kept in `artifacts/browser/` (or $NNLITE_ARTIFACTS/browser). A missing browser skips, unless NNLITE_REQUIRE_BROWSER=1
-(as in .ci/run), where it fails."""
+"""The notebooks seen working in a real JupyterLab: headless Chromium (Debian's `chromium`, driven by
+Playwright) opens the slice-viewer and plan-explorer notebooks, runs them, moves a slider and checks the
+figure changed. Screenshots are kept in `artifacts/browser/` (or $NNLITE_ARTIFACTS/browser). A missing browser
+skips, unless NNLITE_REQUIRE_BROWSER=1 (as in .ci/run), where it fails."""
 import json, os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
@@ -24,7 +24,7 @@ def lab(tmp_path_factory):
     try: import playwright.sync_api  # noqa: F401
     except ImportError: _require('playwright is not installed (the dev extra has it)')
     root = tmp_path_factory.mktemp('lab')
-    for name in ('01_viz.ipynb', '03_plans.ipynb'):   # with a kernelspec, so JupyterLab starts one without asking
+    for name in ('01_viz.ipynb', '03_plans.ipynb'):   # with a kernelspec: JupyterLab starts it without asking
         nb = json.loads((ROOT / 'nbs' / name).read_text(encoding='utf-8'))
         nb['metadata']['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
         (root / name).write_text(json.dumps(nb), encoding='utf-8')
@@ -33,11 +33,13 @@ def lab(tmp_path_factory):
     token = 'nnlite-browser-test'
     settings = root / '.lab-settings' / '@jupyterlab' / 'apputils-extension'   # no news or update pop-ups
     settings.mkdir(parents=True)
-    (settings / 'notification.jupyterlab-settings').write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    notebook = settings.parent / 'notebook-extension'   # every cell in the page, not only those scrolled into view
+    (settings / 'notification.jupyterlab-settings').write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
+    notebook = settings.parent / 'notebook-extension'   # every cell in the page, not only those scrolled to
     notebook.mkdir()
     (notebook / 'tracker.jupyterlab-settings').write_text('{"windowingMode": "none"}')
-    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(root / '.jupyter'), 'JUPYTERLAB_SETTINGS_DIR': str(root / '.lab-settings'),
+    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(root / '.jupyter'),
+           'JUPYTERLAB_SETTINGS_DIR': str(root / '.lab-settings'),
            'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     server = subprocess.Popen(
         [sys.executable, '-m', 'jupyter', 'lab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
@@ -60,21 +62,25 @@ def lab(tmp_path_factory):
 
 def run_notebook_in_lab(page, url, token, name, timeout_s=600):
     "Open a notebook in JupyterLab, run all its cells and wait until none is running or queued."
-    page.goto(f'{url}/lab/tree/{name}?reset&token={token}')     # reset: a fresh workspace, only this notebook open
+    page.goto(f'{url}/lab/tree/{name}?reset&token={token}')   # reset: a fresh workspace, this notebook alone
     page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=120_000)
     page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext"
-                           " && window.jupyterapp.shell.currentWidget.sessionContext.session", timeout=120_000)
-    page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus === 'idle'",
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session",
                            timeout=120_000)
-    page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()     # this notebook is the active one
+    page.wait_for_function("window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus"
+                           " === 'idle'", timeout=120_000)
+    page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell').first.click()   # make it the active one
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     # done when every code cell of this notebook shows its execution count, [n]:
     page.wait_for_function(
         "(() => { const p = [...document.querySelectorAll("
         "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')];"
-        " return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)) })()", timeout=timeout_s * 1000)
-    errors = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"] pre:has-text("Traceback")')
+        " return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)) })()",
+        timeout=timeout_s * 1000)
+    errors = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)'
+                          ' .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+                          ' pre:has-text("Traceback")')
     return errors.count()
 
 
@@ -94,7 +100,8 @@ def move_slider_and_compare(page, description, keys, shot):
     page.wait_for_function("([el, src]) => { const i = el.querySelector('.widget-output img');"
                            " return i && i.getAttribute('src') !== src }",
                            arg=[box.element_handle(), before], timeout=60_000)
-    page.wait_for_function("el => [...el.querySelectorAll('.widget-output img')].every(i => i.complete && i.naturalWidth)",
+    page.wait_for_function("el => [...el.querySelectorAll('.widget-output img')]"
+                           ".every(i => i.complete && i.naturalWidth)",
                            arg=box.element_handle(), timeout=30_000)
     page.wait_for_timeout(1000)
     box.scroll_into_view_if_needed()
@@ -117,9 +124,11 @@ def test_widget_in_jupyterlab(lab, name, description, keys):
         try:
             errors = run_notebook_in_lab(page, url, token, name)
             page.screenshot(path=str(ARTIFACTS / f'{stem}_ran.png'))
-            assert errors == 0, f'{name}: {errors} cell(s) raised in JupyterLab (see {ARTIFACTS}/{stem}_ran.png)'
+            assert errors == 0, (f'{name}: {errors} cell(s) raised in JupyterLab '
+                                 f'(see {ARTIFACTS}/{stem}_ran.png)')
             before, after = move_slider_and_compare(page, description, keys, stem)
-            assert before and after and before != after, f'{name}: the figure did not change after moving {description!r}'
+            changed = before and after and before != after
+            assert changed, f'{name}: the figure did not change after moving {description!r}'
         except Exception:
             page.screenshot(path=str(ARTIFACTS / f'{stem}_failure.png'))
             for text in page.locator('.jp-OutputArea-output').all_inner_texts():

@@ -1,5 +1,6 @@
-"""The 3D cascade through the command line: the first stage's folds hand their validation predictions on, the
-second stage trains on them as extra input channels and refuses to train without them, and predicts new images."""
+"""The 3D cascade through the command line: the first stage's folds hand their validation predictions on,
+the second stage trains on them as extra input channels, refuses to train without them and predicts new
+images."""
 import json
 
 import numpy as np
@@ -35,7 +36,8 @@ def test_cascade_end_to_end_through_the_cli(tmp_path):
     weights = load_checkpoint(model / 'fold_0' / 'checkpoint_final.pth')['network_weights']
     assert weights['encoder.stages.0.0.convs.0.conv.weight'].shape[1] == 1 + 2
 
-    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'predicted', '-m', model, '--no-mirroring', '-q')
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'predicted', '-m', model,
+               '--no-mirroring', '-q')
     assert r.returncode == 0, r.stderr
     predicted, geometry = read_label(tmp_path / 'predicted' / 'test_000.nii.gz')
     truth, truth_geometry = read_label(raw / 'labelsTs' / 'test_000.nii.gz')

@@ -1,6 +1,6 @@
-"""Course mode end to end: every stage notebook has its header, questionnaire and graded exercises; every solution
-passes its tests and every stub fails them (the grader can fail); `nnlite course student` and `nnlite course grade`
-on a real notebook, in a fresh kernel; the one-line errors."""
+"""Course mode end to end: every stage notebook has its header, questionnaire and graded exercises; every
+solution passes its tests and every stub fails them (the grader can fail); `nnlite course student` and
+`nnlite course grade` on a real notebook, in a fresh kernel; the one-line errors."""
 import json, re
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def test_notebook_has_header_questionnaire_and_graded_exercises(path):
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_solutions_pass_and_stubs_fail(path):
-    "The grader can fail: each stub fails its tests with its own NotImplementedError; each solution passes them."
+    "The grader can fail: each stub fails its tests with its own NotImplementedError; each solution passes."
     results = check_exercises(path)
     bad = [r for r in results if not (r['solution_passes'] and r['stub_fails'])]
     assert results and not bad, json.dumps(bad, indent=1)
@@ -76,7 +76,8 @@ def test_grade_a_student_notebook_and_its_solution(tmp_path):
     assert all(g['message'].startswith('NotImplementedError: Exercise ') for g in report['exercises']), report
     assert report['other_errors'] == [], report['other_errors']
     table = nnlite('course', 'grade', str(student))
-    assert f'0/{len(exercises)} exercises passed' in table.stdout and table.stdout.count('FAILED') == len(exercises)
+    assert f'0/{len(exercises)} exercises passed' in table.stdout
+    assert table.stdout.count('FAILED') == len(exercises)
     solved = ok(nnlite('course', 'grade', str(source), '--json'))
     report = json.loads(solved.stdout)
     assert report['all_passed'] and report['score'] == f'{len(exercises)}/{len(exercises)}', report
@@ -85,7 +86,8 @@ def test_grade_a_student_notebook_and_its_solution(tmp_path):
 def test_course_errors_are_one_line(tmp_path):
     broken = tmp_path / 'broken.ipynb'; broken.write_text('{"cells": [')
     result = nnlite('course', 'grade', str(broken))
-    assert result.returncode == 1 and result.stderr.startswith(f'nnlite: error: {broken}: not valid JSON'), result.stderr
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f'nnlite: error: {broken}: not valid JSON'), result.stderr
     plain = tmp_path / 'plain.ipynb'
     plain.write_text(json.dumps({'cells': [], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
     result = nnlite('course', 'grade', str(plain))
@@ -98,7 +100,8 @@ def test_course_errors_are_one_line(tmp_path):
 
 def test_site_pages_of_executed_notebooks(tmp_path):
     "`nnlite course site` runs a notebook and writes its page with the figures embedded, and an index."
-    ok(nnlite('course', 'site', str(tmp_path / 'site'), '--only', '01_viz', '--source', str(ROOT / 'nbs'), '-q'))
+    ok(nnlite('course', 'site', str(tmp_path / 'site'), '--only', '01_viz',
+              '--source', str(ROOT / 'nbs'), '-q'))
     page = (tmp_path / 'site' / '01_viz.html').read_text()
     assert page.count('data:image/png;base64') >= 3 and 'Traceback' not in page
     assert 'href="01_viz.html"' in (tmp_path / 'site' / 'index.html').read_text()

@@ -1,4 +1,5 @@
-"""nnunet_lite.data as scripts use it: geometry round trips, fault injection, every integrity failure, the generator."""
+"""nnunet_lite.data as scripts use it: geometry round trips, fault injection, every integrity failure and the
+synthetic generator."""
 import json
 import shutil
 from dataclasses import replace
@@ -9,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_lite import data
-from nnunet_lite.data import (DatasetError, Geometry, check_dataset, make_synthetic_dataset, read_file, read_image,
-                              read_label, synth_spec, synthetic_case, training_cases, verify_dataset, write_file,
-                              write_image, write_label)
+from nnunet_lite.data import (DatasetError, Geometry, check_dataset, make_synthetic_dataset, read_file,
+                              read_image, read_label, synth_spec, synthetic_case, training_cases,
+                              verify_dataset, write_file, write_image, write_label)
 
 
 def random_direction(rng):
@@ -21,7 +22,7 @@ def random_direction(rng):
     return tuple(q.ravel())
 
 
-# --- geometry round trip -------------------------------------------------------------------------------------
+# --- geometry round trip ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -64,10 +65,11 @@ def test_2d_files_read_as_one_slice_and_write_back_2d(tmp_path):
     assert geo.spacing == (999 * 0.5, 0.25, 0.5) and geo.file_ndim == 2
     write_file(arr, geo, tmp_path / "t.nii.gz")
     back = sitk.ReadImage(str(tmp_path / "t.nii.gz"))
-    assert back.GetDimension() == 2 and back.GetSpacing() == (0.5, 0.25) and back.GetDirection() == (0.0, 1.0, 1.0, 0.0)
+    assert back.GetDimension() == 2 and back.GetSpacing() == (0.5, 0.25)
+    assert back.GetDirection() == (0.0, 1.0, 1.0, 0.0)
 
 
-# --- fault injection -----------------------------------------------------------------------------------------
+# --- fault injection ----------------------------------------------------------------------------------------
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     geo = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
@@ -98,7 +100,8 @@ def test_dataset_json_errors_name_the_file(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match=r"dataset\.json: not valid JSON"):
         data.read_dataset_json(tmp_path)
-    assert [str(p).split(": ", 1)[1][:20] for p in check_dataset(tmp_path, progress=False)] == ["not valid JSON (Expe"]
+    problems = check_dataset(tmp_path, progress=False)
+    assert [str(p).split(": ", 1)[1][:20] for p in problems] == ["not valid JSON (Expe"]
 
 
 def test_interrupted_synthesis_is_not_a_dataset(tmp_path, monkeypatch):
@@ -116,7 +119,7 @@ def test_interrupted_synthesis_is_not_a_dataset(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "ds").rglob("*") if ".tmp" in p.name]
 
 
-# --- every integrity failure ---------------------------------------------------------------------------------
+# --- every integrity failure --------------------------------------------------------------------------------
 
 def _rewrite_label(path, fn):
     lab, geo = read_label(path)
@@ -136,18 +139,30 @@ def _set_json(ds, **changes):
     (ds / "dataset.json").write_text(json.dumps(d))
 
 
+def _drop_json_key(ds, key):
+    d = json.loads((ds / "dataset.json").read_text())
+    del d[key]
+    (ds / "dataset.json").write_text(json.dumps(d))
+
+
+SWAPPED_XY = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)   # a direction with the x and y axes swapped
+
+
 BREAKAGES = {
     "missing channel": (lambda ds: (ds / "imagesTr" / "case_000_0001.nii.gz").unlink(),
                         "imagesTr/case_000_0001.nii.gz: missing: channel 1 ('T2') of case 'case_000'"),
     "missing label": (lambda ds: (ds / "labelsTr" / "case_001.nii.gz").unlink(),
                       "labelsTr/case_001.nii.gz: missing: case 'case_001' has images but no label"),
-    "label without images": (lambda ds: shutil.copy(ds / "labelsTr" / "case_000.nii.gz", ds / "labelsTr" / "ghost.nii.gz"),
+    "label without images": (lambda ds: shutil.copy(ds / "labelsTr" / "case_000.nii.gz",
+                                                    ds / "labelsTr" / "ghost.nii.gz"),
                              "labelsTr/ghost.nii.gz: label without images"),
     "stray file": (lambda ds: (ds / "imagesTr" / "case_000.nii.gz").write_bytes(b""),
                    "imagesTr/case_000.nii.gz: does not follow the CASE_XXXX.nii.gz naming"),
-    "wrong file ending": (lambda ds: shutil.copy(ds / "labelsTr" / "case_000.nii.gz", ds / "labelsTr" / "case_009.nrrd"),
+    "wrong file ending": (lambda ds: shutil.copy(ds / "labelsTr" / "case_000.nii.gz",
+                                                 ds / "labelsTr" / "case_009.nrrd"),
                           "labelsTr/case_009.nrrd: not a .nii.gz file"),
-    "extra channel": (lambda ds: shutil.copy(ds / "imagesTr" / "case_000_0000.nii.gz", ds / "imagesTr" / "case_000_0002.nii.gz"),
+    "extra channel": (lambda ds: shutil.copy(ds / "imagesTr" / "case_000_0000.nii.gz",
+                                             ds / "imagesTr" / "case_000_0002.nii.gz"),
                       "imagesTr/case_000_0002.nii.gz: channel index 2 but dataset.json has 2 channel(s)"),
     "numTraining": (lambda ds: _set_json(ds, numTraining=5),
                     "dataset.json: numTraining is 5 but 3 complete training case(s) were found"),
@@ -155,28 +170,35 @@ BREAKAGES = {
                    "imagesTr/case_002_0000.nii.gz: cannot be read"),
     "shape": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_000.nii.gz", lambda l, g: (l[:, 1:], g)),
               "labelsTr/case_000.nii.gz: shape"),
-    "spacing": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_000.nii.gz", lambda l, g: (l, replace(g, spacing=(2.0, 1.0, 1.0)))),
+    "spacing": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_000.nii.gz",
+                                          lambda l, g: (l, replace(g, spacing=(2.0, 1.0, 1.0)))),
                 "labelsTr/case_000.nii.gz: spacing differ from image case_000_0000.nii.gz"),
-    "origin": (lambda ds: _rewrite_image(ds / "imagesTr" / "case_001_0001.nii.gz", lambda a, g: (a, replace(g, origin=(0.0, 0.0, 0.0)))),
+    "origin": (lambda ds: _rewrite_image(ds / "imagesTr" / "case_001_0001.nii.gz",
+                                         lambda a, g: (a, replace(g, origin=(0.0, 0.0, 0.0)))),
                "imagesTr/case_001_0001.nii.gz: origin differ from case_001_0000.nii.gz"),
     "direction": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_002.nii.gz",
-                                            lambda l, g: (l, replace(g, direction=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)))),
+                                            lambda l, g: (l, replace(g, direction=SWAPPED_XY))),
                   "labelsTr/case_002.nii.gz: direction differ from image"),
-    "undeclared label": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_000.nii.gz", lambda l, g: (np.where(l == 2, 9, l), g)),
-                         "labelsTr/case_000.nii.gz: label values [9] are not in dataset.json labels [0, 1, 2, 3]"),
+    "undeclared label": (lambda ds: _rewrite_label(ds / "labelsTr" / "case_000.nii.gz",
+                                                   lambda l, g: (np.where(l == 2, 9, l), g)),
+                         "labelsTr/case_000.nii.gz: label values [9] are not in dataset.json labels "
+                         "[0, 1, 2, 3]"),
     "declared label never present": (lambda ds: [_rewrite_label(f, lambda l, g: (np.where(l == 3, 1, l), g))
                                                  for f in (ds / "labelsTr").iterdir()],
                                      "dataset.json: label 'vessel' (3) appears in no training label map"),
-    "NaN": (lambda ds: _rewrite_image(ds / "imagesTr" / "case_001_0000.nii.gz", lambda a, g: (np.where(a == a.max(), np.nan, a), g)),
+    "NaN": (lambda ds: _rewrite_image(ds / "imagesTr" / "case_001_0000.nii.gz",
+                                      lambda a, g: (np.where(a == a.max(), np.nan, a), g)),
             "imagesTr/case_001_0000.nii.gz: contains 1 NaN and 0 inf voxels"),
-    "inf": (lambda ds: _rewrite_image(ds / "imagesTs" / "test_000_0001.nii.gz", lambda a, g: (np.where(a == a.max(), np.inf, a), g)),
+    "inf": (lambda ds: _rewrite_image(ds / "imagesTs" / "test_000_0001.nii.gz",
+                                      lambda a, g: (np.where(a == a.max(), np.inf, a), g)),
             "imagesTs/test_000_0001.nii.gz: contains 0 NaN and 1 inf voxels"),
-    "non-integer label": (lambda ds: _rewrite_image(ds / "labelsTr" / "case_001.nii.gz", lambda a, g: (a.astype(np.float32) * 0.5, g)),
+    "non-integer label": (lambda ds: _rewrite_image(ds / "labelsTr" / "case_001.nii.gz",
+                                                    lambda a, g: (a.astype(np.float32) * 0.5, g)),
                           "labelsTr/case_001.nii.gz: label map has non-integer values"),
-    "labels not consecutive": (lambda ds: _set_json(ds, labels={"background": 0, "organ": 1, "lesion": 2, "vessel": 4}),
+    "labels not consecutive": (lambda ds: _set_json(ds, labels={"background": 0, "organ": 1, "lesion": 2,
+                                                                "vessel": 4}),
                                "dataset.json: label values must be consecutive integers"),
-    "missing key": (lambda ds: _set_json(ds, file_ending=None) or
-                    (ds / "dataset.json").write_text(json.dumps({k: v for k, v in json.loads((ds / "dataset.json").read_text()).items() if k != "file_ending"})),
+    "missing key": (lambda ds: _drop_json_key(ds, "file_ending"),
                     "dataset.json: missing required key 'file_ending'"),
     "test case channel missing": (lambda ds: (ds / "imagesTs" / "test_000_0000.nii.gz").unlink(),
                                   "imagesTs/test_000_0000.nii.gz: missing: channel 0"),
@@ -210,7 +232,8 @@ def test_rgb_png_counts_three_channels_in_one_file(tmp_path):
     geo = Geometry((999.0, 1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     rng = np.random.default_rng(0)
     for i in range(2):
-        write_file(rng.integers(0, 255, (3, 1, 8, 8)).astype(np.uint8), geo, tmp_path / "imagesTr" / f"road_{i}_0000.png")
+        write_file(rng.integers(0, 255, (3, 1, 8, 8)).astype(np.uint8), geo,
+                   tmp_path / "imagesTr" / f"road_{i}_0000.png")
         write_label(np.arange(64).reshape(1, 8, 8) % 2, geo, tmp_path / "labelsTr" / f"road_{i}.png")
     data.write_dataset_json(tmp_path, {"0": "R", "1": "G", "2": "B"}, {"background": 0, "road": 1}, 2, ".png")
     assert check_dataset(tmp_path, progress=False) == []
@@ -220,15 +243,17 @@ def test_rgb_png_counts_three_channels_in_one_file(tmp_path):
 def test_explicit_file_lists_in_dataset_json(dataset_copy):
     ds = dataset_copy("ct")
     d = json.loads((ds / "dataset.json").read_text())
-    d["dataset"] = {c: {"images": [str(p.relative_to(ds)) for p in v["images"]], "label": str(v["label"].relative_to(ds))}
+    d["dataset"] = {c: {"images": [str(p.relative_to(ds)) for p in v["images"]],
+                        "label": str(v["label"].relative_to(ds))}
                     for c, v in training_cases(ds).items()}
     (ds / "dataset.json").write_text(json.dumps(d))
     assert check_dataset(ds, progress=False) == []
     (ds / "labelsTr" / "case_000.nii.gz").unlink()
-    assert any("listed in dataset.json for case 'case_000' but not found" in str(p) for p in check_dataset(ds, progress=False))
+    problems = check_dataset(ds, progress=False)
+    assert any("listed in dataset.json for case 'case_000' but not found" in str(p) for p in problems)
 
 
-# --- the generator -------------------------------------------------------------------------------------------
+# --- the generator ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["ct", "mr", "ct_aniso", "mr_aniso", "ct2d", "mr2d"])
 def test_generator_is_deterministic_by_seed(kind):
@@ -244,7 +269,8 @@ def test_generator_is_deterministic_by_seed(kind):
 def test_a_case_does_not_change_when_more_cases_are_asked_for(tmp_path):
     a = make_synthetic_dataset(tmp_path / "a", "ct", n_train=2, n_test=0, progress=False)
     b = make_synthetic_dataset(tmp_path / "b", "ct", n_train=4, n_test=0, progress=False)
-    assert np.array_equal(read_label(a / "labelsTr" / "case_001.nii.gz")[0], read_label(b / "labelsTr" / "case_001.nii.gz")[0])
+    assert np.array_equal(read_label(a / "labelsTr" / "case_001.nii.gz")[0],
+                          read_label(b / "labelsTr" / "case_001.nii.gz")[0])
 
 
 def test_every_kind_passes_the_check_and_has_its_features(datasets):
@@ -260,7 +286,8 @@ def test_every_kind_passes_the_check_and_has_its_features(datasets):
             assert list(d["channel_names"].values())[0] == "T1"
             assert (img[:, 0, 0, 0] == 0).all() and (img == 0).mean() > 0.2, "MR background is zero"
         if kind.endswith("2d"):
-            assert img.shape[1] == 1 and geo.file_ndim == 2 and np.isclose(geo.spacing[0], 999 * max(geo.spacing[1:]))
+            assert img.shape[1] == 1 and geo.file_ndim == 2
+            assert np.isclose(geo.spacing[0], 999 * max(geo.spacing[1:]))
         if kind.endswith("aniso"):
             assert geo.spacing[0] / geo.spacing[1] > 4
 

@@ -1,6 +1,6 @@
-"""The empirical stage through the command line: five folds of 2d and of 3d_fullres at a tiny budget, `find-best`
-(refusing ensembles until the probabilities are there), predicting from its instructions, `ensemble`, and a model
-zipped and unpacked elsewhere."""
+"""The empirical stage through the command line: five folds of 2d and of 3d_fullres at a tiny budget,
+`find-best` (refusing ensembles until the probabilities are there), predicting from its instructions,
+`ensemble`, and a model zipped and unpacked elsewhere."""
 import json
 import zipfile
 
@@ -21,7 +21,8 @@ def test_find_best_end_to_end_through_the_cli(tmp_path):
     short = ('--epochs', 1, '--iters', 2, '--val-iters', 1, '--device', 'cpu', '-q')
     ok(nnlite('train', pre, '-c', '2d', '-f', 0, 1, 2, 3, 4, '--npz', *short))
     ok(nnlite('train', pre, '-c', '3d_fullres', '-f', 0, 1, 2, 3, 4, *short))      # no probabilities kept
-    assert sorted(p.stem for p in results.glob('2d/fold_*/validation/*.npz')) == [f'case_{i:03d}' for i in range(6)]
+    kept = sorted(p.stem for p in results.glob('2d/fold_*/validation/*.npz'))
+    assert kept == [f'case_{i:03d}' for i in range(6)]
 
     r = nnlite('find-best', results, '-q')     # the pair needs 3d_fullres's probabilities: one line says how
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -32,9 +33,11 @@ def test_find_best_end_to_end_through_the_cli(tmp_path):
     info = json.loads((results / 'inference_instructions.json').read_text())
     names = ['2d', '3d_fullres', 'ensemble___2d___3d_fullres___0_1_2_3_4']
     assert list(info['all_results']) == names and info['best_model_or_ensemble']['name'] in names
-    assert 'nnlite predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m' in r.stdout and (results / 'candidates.png').is_file()
+    assert 'nnlite predict -i INPUT_FOLDER -o OUTPUT_FOLDER -m' in r.stdout
+    assert (results / 'candidates.png').is_file()
     for name in ('2d', '3d_fullres'):
-        summary = json.loads((results / name / 'crossval_results_folds_0_1_2_3_4' / 'summary.json').read_text())
+        summary_file = results / name / 'crossval_results_folds_0_1_2_3_4' / 'summary.json'
+        summary = json.loads(summary_file.read_text())
         assert len(summary['metric_per_case']) == 6
         assert abs(summary['foreground_mean']['Dice'] - info['all_results'][name]) < 1e-12
 
@@ -57,7 +60,8 @@ def test_find_best_end_to_end_through_the_cli(tmp_path):
     # shared: zipped, unpacked elsewhere, the instructions still work from there
     ok(nnlite('export-model', results, '-o', tmp_path / 'model.zip'))
     members = zipfile.ZipFile(tmp_path / 'model.zip').namelist()
-    assert 'results/2d/fold_0/checkpoint_final.pth' in members and not any(m.endswith('.npz') for m in members)
+    assert 'results/2d/fold_0/checkpoint_final.pth' in members
+    assert not any(m.endswith('.npz') for m in members)
     ok(nnlite('import-model', tmp_path / 'model.zip', '-o', tmp_path / 'installed'))
     r = nnlite('import-model', tmp_path / 'model.zip', '-o', tmp_path / 'installed')
     assert r.returncode == 1 and 'exists' in r.stderr

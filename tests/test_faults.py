@@ -1,14 +1,12 @@
-"""The catalogue of broken inputs (issue 17), each run through every command that reads it, in a subprocess as a
-user runs nnlite: the exit status is 1, the message is one line naming the broken file, and nothing is written
-under a real name for the broken case. Also: a resume redoes a case whose raw files changed, and the worker
-processes of a killed `nnlite preprocess` die with it."""
+"""The catalogue of broken inputs (issue 17), each run through every command that reads it, in a subprocess as
+a user runs nnlite: the exit status is 1, the message is one line naming the broken file, and nothing is
+written under a real name for the broken case. Also: a resume redoes a case whose raw files changed, and the
+worker processes of a killed `nnlite preprocess` die with it."""
 import contextlib
 import io
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,13 +17,9 @@ import pytest
 from nnunet_lite.cli import main
 from nnunet_lite.data import make_synthetic_dataset, read_file, read_label, write_file, write_label
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_runner import nnlite, start
+
 CASE = 'case_001'
-
-
-def nnlite(*args, timeout=300):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=os.environ.copy(), timeout=timeout)
 
 
 def nnlite_here(*args):
@@ -54,25 +48,27 @@ def with_label(path: Path, value: int):
     write_label(label, geometry, path)
 
 
+# the broken case's files, relative to the dataset folder
+IMAGE, SECOND_CHANNEL = f'imagesTr/{CASE}_0000.nii.gz', f'imagesTr/{CASE}_0001.nii.gz'
+LABEL = f'labelsTr/{CASE}.nii.gz'
+
 # fault -> (what it does to a dataset folder, the file the message must name)
 FAULTS = {
-    'image cut to 50 %': (lambda ds: cut(ds / 'imagesTr' / f'{CASE}_0000.nii.gz', 0.5), f'imagesTr/{CASE}_0000.nii.gz'),
-    'image cut to 90 %': (lambda ds: cut(ds / 'imagesTr' / f'{CASE}_0000.nii.gz', 0.9), f'imagesTr/{CASE}_0000.nii.gz'),
-    'image cut to 200 bytes': (lambda ds: cut(ds / 'imagesTr' / f'{CASE}_0000.nii.gz', 200),
-                               f'imagesTr/{CASE}_0000.nii.gz'),
-    'label cut to 50 %': (lambda ds: cut(ds / 'labelsTr' / f'{CASE}.nii.gz', 0.5), f'labelsTr/{CASE}.nii.gz'),
-    'NaN voxels': (lambda ds: with_nan(ds / 'imagesTr' / f'{CASE}_0000.nii.gz'), f'imagesTr/{CASE}_0000.nii.gz'),
-    'undeclared label value': (lambda ds: with_label(ds / 'labelsTr' / f'{CASE}.nii.gz', 7), f'labelsTr/{CASE}.nii.gz'),
-    'missing image': (lambda ds: [p.unlink() for p in ds.glob(f'imagesTr/{CASE}_000*')], f'labelsTr/{CASE}.nii.gz'),
-    'missing label': (lambda ds: (ds / 'labelsTr' / f'{CASE}.nii.gz').unlink(), f'labelsTr/{CASE}.nii.gz'),
-    'missing channel file': (lambda ds: (ds / 'imagesTr' / f'{CASE}_0001.nii.gz').unlink(),
-                             f'imagesTr/{CASE}_0001.nii.gz'),
+    'image cut to 50 %': (lambda ds: cut(ds / IMAGE, 0.5), IMAGE),
+    'image cut to 90 %': (lambda ds: cut(ds / IMAGE, 0.9), IMAGE),
+    'image cut to 200 bytes': (lambda ds: cut(ds / IMAGE, 200), IMAGE),
+    'label cut to 50 %': (lambda ds: cut(ds / LABEL, 0.5), LABEL),
+    'NaN voxels': (lambda ds: with_nan(ds / IMAGE), IMAGE),
+    'undeclared label value': (lambda ds: with_label(ds / LABEL, 7), LABEL),
+    'missing image': (lambda ds: [p.unlink() for p in ds.glob(f'imagesTr/{CASE}_000*')], LABEL),
+    'missing label': (lambda ds: (ds / LABEL).unlink(), LABEL),
+    'missing channel file': (lambda ds: (ds / SECOND_CHANNEL).unlink(), SECOND_CHANNEL),
 }
 
 
 @pytest.fixture(scope='module')
 def clean(tmp_path_factory):
-    "A two-channel MR dataset, its plans and preprocessed 3d_fullres cases, and a model trained briefly on them."
+    "A two-channel MR dataset, its plans and 3d_fullres cases, and a model trained briefly on them."
     root = tmp_path_factory.mktemp('faults')
     raw = make_synthetic_dataset(root / 'raw', 'mr', n_train=5, n_test=2, n_channels=2, n_classes=2,
                                  shape=(10, 20, 20), progress=False)
@@ -116,11 +112,11 @@ def test_plan_refuses(clean, tmp_path, fault):
 
 @pytest.mark.parametrize('fault', FAULTS)
 def test_preprocess_without_check_refuses(clean, tmp_path, fault):
-    "As scripts run it: straight to preprocessing with the clean dataset's plans; the broken case is not written."
+    "As scripts run it: straight to preprocessing with the clean plans; the broken case is not written."
     ds, named = broken_copy(clean, tmp_path, fault)
     out = tmp_path / 'pre'
-    one_line_naming(nnlite_here('preprocess', ds, clean['plans'] / 'plans.json', '-c', '3d_fullres', '-o', out, '-q'),
-                    named)
+    r = nnlite_here('preprocess', ds, clean['plans'] / 'plans.json', '-c', '3d_fullres', '-o', out, '-q')
+    one_line_naming(r, named)
     assert not (out / '3d_fullres' / f'{CASE}.json').exists()
 
 
@@ -135,8 +131,8 @@ def test_predict_refuses(clean, tmp_path, fault):
     {'image cut to 50 %': lambda: cut(image, 0.5), 'image cut to 200 bytes': lambda: cut(image, 200),
      'NaN voxels': lambda: with_nan(image)}[fault]()
     out = tmp_path / 'predictions'
-    one_line_naming(nnlite('predict', '-i', ds / 'imagesTs', '-o', out, '-m', clean['model'], '--device', 'cpu', '-q'),
-                    image)
+    r = nnlite('predict', '-i', ds / 'imagesTs', '-o', out, '-m', clean['model'], '--device', 'cpu', '-q')
+    one_line_naming(r, image)
     assert not (out / 'test_001.nii.gz').exists()
 
 
@@ -144,11 +140,12 @@ def test_predict_missing_channel_and_output_file(clean, tmp_path):
     ds = tmp_path / 'raw'
     shutil.copytree(clean['raw'], ds)
     (ds / 'imagesTs' / 'test_001_0001.nii.gz').unlink()
-    one_line_naming(nnlite('predict', '-i', ds / 'imagesTs', '-o', tmp_path / 'p', '-m', clean['model'], '-q'),
-                    ds / 'imagesTs' / 'test_001_0000.nii.gz')
+    r = nnlite('predict', '-i', ds / 'imagesTs', '-o', tmp_path / 'p', '-m', clean['model'], '-q')
+    one_line_naming(r, ds / 'imagesTs' / 'test_001_0000.nii.gz')
     (tmp_path / 'a_file').write_text('x')
-    one_line_naming(nnlite('predict', '-i', clean['raw'] / 'imagesTs', '-o', tmp_path / 'a_file', '-m', clean['model'],
-                           '-q'), tmp_path / 'a_file')
+    r = nnlite('predict', '-i', clean['raw'] / 'imagesTs', '-o', tmp_path / 'a_file', '-m', clean['model'],
+               '-q')
+    one_line_naming(r, tmp_path / 'a_file')
     assert (tmp_path / 'a_file').read_text() == 'x'
 
 
@@ -156,8 +153,8 @@ def test_evaluate_refuses_a_cut_prediction(clean, tmp_path):
     predictions = tmp_path / 'pred'
     shutil.copytree(clean['raw'] / 'labelsTs', predictions)
     cut(predictions / 'test_001.nii.gz', 0.5)
-    one_line_naming(nnlite('evaluate', predictions, clean['raw'] / 'labelsTs', '-d', clean['raw'] / 'dataset.json',
-                           '-q'), predictions / 'test_001.nii.gz')
+    r = nnlite('evaluate', predictions, clean['raw'] / 'labelsTs', '-d', clean['raw'] / 'dataset.json', '-q')
+    one_line_naming(r, predictions / 'test_001.nii.gz')
     assert not (predictions / 'summary.json').exists()
 
 
@@ -174,7 +171,8 @@ def test_resume_redoes_a_case_whose_raw_files_changed(clean, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / '3d_fullres').glob('case_00[0234]*')} == before
     for p in ds.glob(f'*/{CASE}*'): p.unlink()                           # the case leaves the dataset
     r = nnlite(*args)
-    assert r.returncode == 0 and '1 no longer in the dataset removed (case_001)' in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '1 no longer in the dataset removed (case_001)' in r.stdout, r.stdout + r.stderr
     assert not (out / '3d_fullres' / f'{CASE}.json').exists()
 
 
@@ -194,11 +192,11 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path('/proc').is_dir(), reason='needs /proc to find the worker processes')
 def test_workers_die_with_a_killed_preprocess(tmp_path):
-    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=6, n_test=0, shape=(48, 96, 96), progress=False)
+    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=6, n_test=0, shape=(48, 96, 96),
+                                 progress=False)
     assert nnlite('plan', raw, '-o', tmp_path / 'plans', '-q').returncode == 0
-    p = subprocess.Popen([sys.executable, '-m', 'nnunet_lite.cli', 'preprocess', str(raw), str(tmp_path / 'plans'),
-                          '-c', '3d_fullres', '-np', '2', '-q'], cwd=REPO, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = start('preprocess', raw, tmp_path / 'plans', '-c', '3d_fullres', '-np', 2, '-q',
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, workers = time.time() + 60, []
     while time.time() < deadline and len(workers) < 2:
         time.sleep(0.2)
@@ -216,7 +214,8 @@ def test_predict_estimates_memory_before_reading(clean, tmp_path, monkeypatch):
     import nnunet_lite.inference as inference
     monkeypatch.setattr(inference, 'available_memory', lambda device: {'ram': 1000, 'device': None})
     out = tmp_path / 'predictions'
-    line = one_line_naming(nnlite_here('predict', '-i', clean['raw'] / 'imagesTs', '-o', out, '-m', clean['model'],
-                                       '--device', 'cpu', '-q'), clean['raw'] / 'imagesTs' / 'test_000_0000.nii.gz')
+    r = nnlite_here('predict', '-i', clean['raw'] / 'imagesTs', '-o', out, '-m', clean['model'],
+                    '--device', 'cpu', '-q')
+    line = one_line_naming(r, clean['raw'] / 'imagesTs' / 'test_000_0000.nii.gz')
     assert 'predicting it needs about' in line and 'GB of RAM' in line, line
     assert not list(out.glob('*.nii.gz'))

@@ -1,4 +1,5 @@
-"""House rules of the package: imports follow the notebook order, lines stay short, every figure draws from a script."""
+"""House rules of the package: imports follow the notebook order, lines stay short (the tests' too), every
+figure draws from a script."""
 import ast
 import importlib.util
 import os
@@ -8,10 +9,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / 'tests'
 PACKAGE = 'nnunet_lite'
 MAX_LINE = 110
 
-_spec = importlib.util.spec_from_file_location('plot_everything', Path(__file__).with_name('plot_everything.py'))
+_spec = importlib.util.spec_from_file_location('plot_everything', TESTS / 'plot_everything.py')
 plot_everything = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plot_everything)
 notebook_modules = plot_everything.notebook_modules   # [(notebook file name, module)] in notebook order
@@ -45,8 +47,8 @@ def package_imports(module: str, path: Path, modules) -> set[tuple[str, int]]:
             stem = '.'.join(base + ([node.module] if node.module else []))
             for name in [stem] + [f'{stem}.{alias.name}' for alias in node.names]: add(name, node.lineno)
         elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and getattr(node.func, 'attr', getattr(node.func, 'id', None)) in ('import_module', '__import__')
-              and isinstance(node.args[0].value, str)):
+              and getattr(node.func, 'attr', getattr(node.func, 'id', None))
+              in ('import_module', '__import__') and isinstance(node.args[0].value, str)):
             add(node.args[0].value, node.lineno)
     return found
 
@@ -109,8 +111,10 @@ def test_modules_import_only_modules_of_earlier_notebooks():
 def _fresh_python(args, **kw) -> subprocess.CompletedProcess:
     "Run the interpreter of this test session on `args` in the repository, with the Agg backend."
     env = {**os.environ, 'MPLBACKEND': 'Agg'}
-    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'): env.setdefault(var, '/tmp/nnunet_lite_unused')
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        env.setdefault(var, '/tmp/nnunet_lite_unused')
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
 
 
 def test_modules_import_in_notebook_order_in_a_fresh_interpreter():
@@ -130,17 +134,29 @@ def code_lines(path: Path):
         elif line.rstrip().endswith(']'): in_all = False
 
 
-def test_no_line_longer_than_110_characters():
-    "No line of the package's modules (the generated `_modidx.py` and `__all__` aside) is longer than 110 characters."
-    long = [(f"{PACKAGE}/{p.relative_to(ROOT / PACKAGE)}:{i}", len(line))
-            for p in package_files().values() for i, line in code_lines(p) if len(line) > MAX_LINE]
+def assert_no_long_line(lines_of_files):
+    "`lines_of_files`: {file: its (line number, line) pairs}. None of the lines is longer than MAX_LINE."
+    long = [(f"{p.relative_to(ROOT)}:{i}", len(line))
+            for p, lines in lines_of_files.items() for i, line in lines if len(line) > MAX_LINE]
     assert not long, (f"{len(long)} lines longer than {MAX_LINE} characters (first 20):\n"
                       + '\n'.join(f"{where} ({n} characters)" for where, n in long[:20]))
 
 
+def test_no_line_longer_than_110_characters():
+    "No line of the package's modules (the generated `_modidx.py` and `__all__` aside) is over MAX_LINE long."
+    assert_no_long_line({p: code_lines(p) for p in package_files().values()})
+
+
+def test_no_line_of_the_tests_longer_than_110_characters():
+    "Nor of the tests: every tests/*.py, the helpers (cli_runner.py, reference_oracle.py, ...) included."
+    files = sorted(TESTS.glob('*.py'))
+    assert files
+    assert_no_long_line({p: enumerate(p.read_text(encoding='utf-8').splitlines(), 1) for p in files})
+
+
 def test_every_drawing_function_draws_from_a_plain_script(tmp_path):
-    "tests/plot_everything.py, in a fresh interpreter with Agg, draws a PNG with each drawing function and misses none."
-    result = _fresh_python([str(Path(__file__).with_name('plot_everything.py')), str(tmp_path)])
+    "tests/plot_everything.py, in a fresh interpreter with Agg, draws a PNG with every drawing function."
+    result = _fresh_python([str(TESTS / 'plot_everything.py'), str(tmp_path)])
     failed = result.returncode != 0
     assert not failed, f"plot_everything.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
     assert list(tmp_path.glob('*.png')), f"plot_everything.py wrote no PNG into {tmp_path}"

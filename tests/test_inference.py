@@ -2,8 +2,6 @@
 channels), folders resumed, bad input refused in one line, the `nnlite predict` command, region models."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from nnunet_lite.inference import Predictor
 from nnunet_lite.preprocessing import preprocess_dataset, revert
 from nnunet_lite.training import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_runner import nnlite
 
 
 def briefly_trained(root: Path, kind: str, configuration: str, **synth) -> tuple[Path, Path]:
@@ -25,14 +23,15 @@ def briefly_trained(root: Path, kind: str, configuration: str, **synth) -> tuple
     raw = make_synthetic_dataset(root / 'raw', kind, n_train=3, n_test=2, progress=False, **synth)
     plans = plan_dataset(raw, root / 'pre', progress=False)
     preprocess_dataset(raw, plans, configuration, root / 'pre', progress=False)
-    trainer = Trainer(root / 'pre', configuration, 'all', epochs=1, iterations=1, val_iterations=0, progress=False).fit()
+    trainer = Trainer(root / 'pre', configuration, 'all', epochs=1, iterations=1, val_iterations=0,
+                      progress=False).fit()
     return raw, trainer.output_dir.parent
 
 
 @pytest.mark.parametrize("kind,configuration,synth", [
     ('ct_aniso', '3d_fullres', dict(shape=(6, 24, 24))),
-    ('mr_aniso', '3d_fullres', dict(shape=(24, 24, 6), spacing=(0.8, 0.8, 5.0))),    # coarse axis last: transposed
-    ('mr', '3d_fullres', dict(shape=(12, 20, 20))),                                  # 2 channels, cropped to non-zero
+    ('mr_aniso', '3d_fullres', dict(shape=(24, 24, 6), spacing=(0.8, 0.8, 5.0))),  # coarse last: transposed
+    ('mr', '3d_fullres', dict(shape=(12, 20, 20))),                                # 2 channels, cropped
     ('ct2d', '2d', dict(shape=(32, 40))),
 ])
 def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
@@ -42,12 +41,14 @@ def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
     assert len(written) == 2
     for case, files in held_out_cases(raw).items():
         image, geometry = read_image(files)
-        label, label_geometry = read_label(tmp_path / 'out' / f'{case}{predictor.dataset_json["file_ending"]}')
+        ending = predictor.dataset_json["file_ending"]
+        label, label_geometry = read_label(tmp_path / 'out' / f'{case}{ending}')
         assert label.shape == image.shape[1:] and label_geometry == geometry
         probabilities = np.load(tmp_path / 'out' / f'{case}.npz')['probabilities']
         assert probabilities.shape == (predictor.n_outputs, *image.shape[1:])
         np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=3e-3)
-        assert np.array_equal(probabilities.argmax(0), label) or (probabilities.argmax(0) == label).mean() > 0.999
+        argmax = probabilities.argmax(0)
+        assert np.array_equal(argmax, label) or (argmax == label).mean() > 0.999
     assert (tmp_path / 'out' / 'plans.json').exists()
 
 
@@ -60,7 +61,8 @@ def test_folder_resumes_and_refuses_bad_input(tmp_path):
     assert predictor.predict_folder(raw / 'imagesTs', out) == []          # everything there: nothing to do
     assert first[0].stat().st_mtime_ns == stamp
     image, geometry = read_image(raw / 'imagesTs' / 'test_000_0000.nii.gz')
-    write_image(np.concatenate([image, image]), geometry, tmp_path / 'two', 'case_000')   # 2 channels, model wants 1
+    # two channels, where the model wants one
+    write_image(np.concatenate([image, image]), geometry, tmp_path / 'two', 'case_000')
     with pytest.raises(Exception, match='case_000 has channels \\[0, 1\\], the model expects \\[0\\]'):
         predictor.predict_folder(tmp_path / 'two', tmp_path / 'out2')
     with pytest.raises(FileNotFoundError, match='no images'):
@@ -69,8 +71,8 @@ def test_folder_resumes_and_refuses_bad_input(tmp_path):
 
 def test_export_runs_on_the_prediction_device(tmp_path, monkeypatch):
     """The logits reach `revert` (resampling back to the input's grid, softmax, argmax) as a tensor on the
-    predictor's device, never copied to numpy first: on a GPU the export runs on the GPU. The device is a parameter,
-    so the same code path is tested here on the CPU."""
+    predictor's device, never copied to numpy first: on a GPU the export runs on the GPU. The device is a
+    parameter, so the same code path is tested here on the CPU."""
     import nnunet_lite.inference as inference
     raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
     seen = []
@@ -86,22 +88,23 @@ def test_export_runs_on_the_prediction_device(tmp_path, monkeypatch):
 def test_fold_ensemble_and_cli(tmp_path):
     raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
     fold_all = model / 'fold_all'
-    os.symlink(fold_all, model / 'fold_0')     # a second "fold" with the same weights: the ensemble equals one fold
+    # a second "fold" with the same weights: the ensemble equals one fold
+    os.symlink(fold_all, model / 'fold_0')
     one = Predictor(model, folds=['all'], progress=False)
     both = Predictor(model, progress=False)
-    assert both.model['folds'] == [0, 'all']
+    assert both.folds == [0, 'all']
     image, geometry = read_image(held_out_cases(raw)['test_000'])
     a, pa = one.predict_array(image, geometry, return_probabilities=True)
     b, pb = both.predict_array(image, geometry, return_probabilities=True)
     assert np.array_equal(a, b) and np.allclose(pa, pb, atol=1e-5)
     soft = Predictor(model, fold_merge='softmax', progress=False).predict_array(image, geometry, True)[1]
     assert np.allclose(soft, pa, atol=1e-4)
-    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'cli',
-                        '-m', model, '-f', 'all', '--no-mirroring', '--step', '1', '-q'], capture_output=True, text=True, cwd=REPO)
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'cli', '-m', model, '-f', 'all',
+               '--no-mirroring', '--step', 1, '-q')
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / 'cli').glob('*.nii.gz')) == ['test_000.nii.gz', 'test_001.nii.gz']
-    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'x',
-                        '-m', tmp_path / 'no_model', '-q'], capture_output=True, text=True, cwd=REPO)
+    written = sorted(p.name for p in (tmp_path / 'cli').glob('*.nii.gz'))
+    assert written == ['test_000.nii.gz', 'test_001.nii.gz']
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'x', '-m', tmp_path / 'no_model', '-q')
     assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
 
 

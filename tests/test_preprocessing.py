@@ -1,7 +1,6 @@
-"""Preprocessing as scripts and the CLI use it: whole datasets, resuming, bad input, the `nnlite preprocess` command."""
+"""Preprocessing as scripts and the CLI use it: whole datasets, resuming, bad input and the
+`nnlite preprocess` command."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,14 +8,11 @@ import pytest
 from nnunet_lite.data import Geometry, read_dataset_json, read_label, training_cases, write_label
 from nnunet_lite.data import held_out_cases
 from nnunet_lite.fingerprint import extract_fingerprint
-from nnunet_lite.plans import plan_experiment, save_plans
-from nnunet_lite.preprocessing import (DatasetError, case_is_done, label_to_logits, load_preprocessed_case, preprocess_case,
-                                       preprocess_dataset, preprocessed_cases, revert)
+from nnunet_lite.plans import Configuration, plan_experiment, save_plans
+from nnunet_lite.preprocessing import (DatasetError, case_is_done, label_to_logits, load_preprocessed_case,
+                                       preprocess_case, preprocess_dataset, preprocessed_cases, revert)
 
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, "-m", "nnunet_lite.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+from cli_runner import nnlite
 
 
 def plans_for(ds):
@@ -29,7 +25,7 @@ def mtimes(folder, cases):
 
 @pytest.mark.parametrize("kind", ["mr", "ct_aniso", "ct2d"])
 def test_dataset_round_trip_through_revert(datasets, tmp_path, kind):
-    "Every case: preprocess, revert a perfect prediction, get the original label back (up to resampling twice)."
+    "Every case: preprocess, revert a perfect prediction, get the original label back (up to resampling)."
     ds = datasets[kind]
     plans = plans_for(ds)
     config = "2d" if kind == "ct2d" else "3d_fullres"
@@ -39,7 +35,8 @@ def test_dataset_round_trip_through_revert(datasets, tmp_path, kind):
         data, seg, props = load_preprocessed_case(folder, case)
         assert isinstance(data, np.memmap) and data.dtype == np.float32
         label, geometry = read_label(files["label"])
-        back = revert(label_to_logits(np.asarray(seg), n_classes), props, plans["configurations"][config])
+        logits = label_to_logits(np.asarray(seg), n_classes)
+        back = revert(logits, props, Configuration.from_plans(plans, config))
         assert back.shape == label.shape
         assert np.mean(back == label) > 0.97, (case, np.mean(back == label))
         for c in range(1, n_classes):   # every class survives the round trip where it was present
@@ -50,7 +47,7 @@ def test_test_case_without_label(datasets):
     ds = datasets["mr"]
     plans = plans_for(ds)
     files = next(iter(held_out_cases(ds).values()))
-    data, seg, props = preprocess_case(files, None, plans, "3d_fullres")
+    data, seg, props = preprocess_case(files, None, Configuration.from_plans(plans, "3d_fullres"))
     assert "class_locations" not in props
     assert set(np.unique(seg)) <= {-1, 0}           # only the body mask
     assert data.shape[1:] == seg.shape[1:]
@@ -80,7 +77,8 @@ def test_bad_label_geometry_stops_with_its_name_and_keeps_written_cases(dataset_
     kept = mtimes(folder, ["case_000", "case_001"])
     bad = ds / "labelsTr" / "case_002.nii.gz"
     label, geometry = read_label(bad)
-    write_label(label, Geometry(geometry.spacing, tuple(o + 5 for o in geometry.origin), geometry.direction), bad)
+    shifted = Geometry(geometry.spacing, tuple(o + 5 for o in geometry.origin), geometry.direction)
+    write_label(label, shifted, bad)
     (folder / "case_002.json").unlink()
     with pytest.raises(DatasetError, match=r"case_002\.nii\.gz: origin differ from image case_002_0000"):
         preprocess_dataset(ds, plans, "3d_fullres", tmp_path, workers=workers, progress=False)
@@ -117,7 +115,8 @@ def test_parallel_equals_serial(datasets, tmp_path):
     for case in preprocessed_cases(serial):
         a, b = load_preprocessed_case(serial, case), load_preprocessed_case(parallel, case)
         np.testing.assert_array_equal(a[0], b[0]); np.testing.assert_array_equal(a[1], b[1])
-        for c in a[2]["class_locations"]: np.testing.assert_array_equal(a[2]["class_locations"][c], b[2]["class_locations"][c])
+        for c in a[2]["class_locations"]:
+            np.testing.assert_array_equal(a[2]["class_locations"][c], b[2]["class_locations"][c])
 
 
 def test_cli_preprocess(datasets, tmp_path):
@@ -132,24 +131,28 @@ def test_cli_preprocess(datasets, tmp_path):
     # into another folder: it gets the plans and dataset.json too, so it is complete for training
     r = nnlite("preprocess", ds, tmp_path / "plans" / "plans.json", "-o", tmp_path / "elsewhere", "-q")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "elsewhere" / "plans.json").is_file() and (tmp_path / "elsewhere" / "dataset.json").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    assert (elsewhere / "plans.json").is_file() and (elsewhere / "dataset.json").is_file()
     plans = json.loads((tmp_path / "plans" / "plans.json").read_text())
     expected = sorted(c for c in ("2d", "3d_fullres", "3d_lowres") if c in plans["configurations"])
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir() if p.is_dir()) == sorted(expected + ["gt_segmentations"])
-    gt = sorted(p.name for p in (tmp_path / "elsewhere" / "gt_segmentations").iterdir())   # the labels, for validation
+    folders = sorted(p.name for p in elsewhere.iterdir() if p.is_dir())
+    assert folders == sorted(expected + ["gt_segmentations"])
+    gt = sorted(p.name for p in (elsewhere / "gt_segmentations").iterdir())   # the labels, for validation
     assert gt == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
 
 
 def test_cli_preprocess_errors_are_one_line(datasets, tmp_path):
     r = nnlite("preprocess", datasets["ct"], tmp_path / "missing.json", "-q")
-    assert r.returncode == 1 and r.stderr.strip() == f"nnlite: error: {tmp_path / 'missing.json'}: plans file not found"
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"nnlite: error: {tmp_path / 'missing.json'}: plans file not found"
     save_plans(plans_for(datasets["ct"]), tmp_path / "plans.json")
     r = nnlite("preprocess", datasets["ct"], tmp_path / "plans.json", "-c", "3d_lowres", "-q")
-    assert r.returncode == 1 and "no configuration '3d_lowres'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "no configuration '3d_lowres'" in r.stderr
 
 
 def test_interrupted_overwrite_never_leaves_mixed_settings(dataset_copy, tmp_path, monkeypatch):
-    "Killed while overwriting with new plans, then resumed without --overwrite: every case ends up with the new plans."
+    "Killed overwriting with new plans, resumed without --overwrite: every case ends up with the new plans."
     import nnunet_lite.preprocessing as pp
     ds = dataset_copy("ct")
     plans = plans_for(ds)
@@ -167,7 +170,8 @@ def test_interrupted_overwrite_never_leaves_mixed_settings(dataset_copy, tmp_pat
         preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False, overwrite=True)
     monkeypatch.setattr(pp, "preprocess_case", real)
     preprocess_dataset(ds, new, "3d_fullres", tmp_path, progress=False)
-    spacings = [load_preprocessed_case(folder, c)[2]["spacing_after_resampling"] for c in preprocessed_cases(folder)]
+    spacings = [load_preprocessed_case(folder, c)[2]["spacing_after_resampling"]
+                for c in preprocessed_cases(folder)]
     assert spacings == [[2.0, 2.0, 2.0]] * 3
 
 
@@ -176,12 +180,15 @@ def test_wrong_channel_count_and_empty_axis_name_the_case(datasets, tmp_path):
     plans = plans_for(ds)
     one_channel = json.loads(json.dumps(plans))
     for key in ("normalization_schemes", "use_mask_for_norm"):
-        one_channel["configurations"]["3d_fullres"][key] = one_channel["configurations"]["3d_fullres"][key][:1]
-    with pytest.raises(DatasetError, match=r"^case_000: ValueError: the image has 2 channel\(s\), the plans expect 1"):
+        entry = one_channel["configurations"]["3d_fullres"]
+        entry[key] = entry[key][:1]
+    wrong_channels = r"^case_000: ValueError: the image has 2 channel\(s\), the plans expect 1"
+    with pytest.raises(DatasetError, match=wrong_channels):
         preprocess_dataset(ds, one_channel, "3d_fullres", tmp_path / "a", progress=False)
     coarse = json.loads(json.dumps(plans))
     coarse["configurations"]["3d_fullres"]["spacing"] = [500.0, 1.0, 1.0]
-    with pytest.raises(DatasetError, match=r"^case_000: ValueError: resampling shape .* leaves an empty axis"):
+    empty_axis = r"^case_000: ValueError: resampling shape .* leaves an empty axis"
+    with pytest.raises(DatasetError, match=empty_axis):
         preprocess_dataset(ds, coarse, "3d_fullres", tmp_path / "b", progress=False)
 
 

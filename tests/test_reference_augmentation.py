@@ -18,29 +18,32 @@ def test_blur_equals_reference(sigma, axis):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# spatial transform: our grid, image and labels against batchgeneratorsv2's SpatialTransform with the same affine
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# spatial transform: our grid, image and labels against batchgeneratorsv2's SpatialTransform, same affine
+# ------------------------------------------------------------------------------------------------------------
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform, _convert_my_grid_to_grid_sample_grid  # noqa: E402
-from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform  # noqa: E402
+from batchgeneratorsv2.transforms.spatial.spatial import (  # noqa: E402
+    SpatialTransform, _convert_my_grid_to_grid_sample_grid)
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import (  # noqa: E402
+    DownsampleSegForDSTransform)
 from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform  # noqa: E402
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform  # noqa: E402
-from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform  # noqa: E402
+from batchgeneratorsv2.transforms.utils.seg_to_regions import (  # noqa: E402
+    ConvertSegmentationToRegionsTransform)
 
-from nnunet_lite.augmentation import (affine_sampling_grid, deep_supervision_scales, deep_supervision_targets,  # noqa: E402
-                                      draw_affines, labels_to_regions, mask_outside, remove_outside_label,
-                                      resample_labels_linear, spatial_transform)
+from nnunet_lite.augmentation import (  # noqa: E402
+    affine_sampling_grid, deep_supervision_scales, deep_supervision_targets, draw_affines, labels_to_regions,
+    mask_outside, remove_outside_label, resample_labels_linear, spatial_transform)
 
 
 def reference_spatial(image, seg, affine, patch_size):
-    "batchgeneratorsv2's SpatialTransform as nnU-Net configures it, applied with a given affine (its own grid code)."
-    st = SpatialTransform(patch_size, 0, False, p_elastic_deform=0, p_rotation=0.2, rotation=(-1, 1), p_scaling=0.2,
-                          scaling=(0.7, 1.4), p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False,
-                          border_mode_seg='constant', padding_value_seg=-1)
+    "batchgeneratorsv2's SpatialTransform as nnU-Net sets it up, applied with a given affine (its grid code)."
+    st = SpatialTransform(patch_size, 0, False, p_elastic_deform=0, p_rotation=0.2, rotation=(-1, 1),
+                          p_scaling=0.2, scaling=(0.7, 1.4), p_synchronize_scaling_across_axes=1,
+                          bg_style_seg_sampling=False, border_mode_seg='constant', padding_value_seg=-1)
     shape = image.shape[1:]
     centre = [s / 2 for s in shape]
     grid = torch.matmul(st._get_base_grid_clone(), torch.from_numpy(affine.T).float())
@@ -54,7 +57,8 @@ def blob_labels(shape, n_labels, seed):
     "Smooth random label maps (regions, not noise), -1 in one corner block as the outside."
     g = torch.Generator().manual_seed(seed)
     field = torch.randn(1, n_labels, *[max(2, s // 4) for s in shape], generator=g)
-    field = F.interpolate(field, size=list(shape), mode='bilinear' if len(shape) == 2 else 'trilinear', align_corners=False)
+    field = F.interpolate(field, size=list(shape), mode='bilinear' if len(shape) == 2 else 'trilinear',
+                          align_corners=False)
     seg = field.argmax(1).to(torch.int16)
     seg[(slice(None),) + tuple(slice(0, s // 4) for s in shape)] = -1
     return seg
@@ -76,24 +80,26 @@ def test_spatial_transform_equals_reference(source, patch, dummy, seed):
     ref_image, ref_seg, ref_grid = reference_spatial(image, seg, affine, patch)
     grid = affine_sampling_grid(drawn['affine'], source, patch)
     torch.testing.assert_close(grid[0], ref_grid, atol=2e-5, rtol=0)
-    ours_image = F.grid_sample(image[None], grid, mode='bilinear', padding_mode='zeros', align_corners=False)[0]
+    ours_image = F.grid_sample(image[None], grid, mode='bilinear', padding_mode='zeros',
+                               align_corners=False)[0]
     torch.testing.assert_close(ours_image, ref_image, atol=1e-4, rtol=0)
     ours_seg = resample_labels_linear(seg[None], grid)[0]
     differ = (ours_seg != ref_seg)
-    # the reference scores in float16 (x1000): labels whose scores differ by < ~1e-3 tie there and go to the nearest
+    # the reference scores in float16 (x1000): labels whose scores differ by < ~1e-3 tie there, nearest wins
     assert differ.float().mean() < 2e-3, f"{differ.sum()} of {differ.numel()} labels differ"
     assert set(ours_seg.unique().tolist()) <= set(seg.unique().tolist()) | {-1}
 
 
 @pytest.mark.parametrize("source,patch", [((31, 40, 33), (20, 24, 22)), ((40, 37), (24, 30))])
 def test_centre_crop_equals_reference_crop(source, patch):
-    "Samples drawn without rotation or scaling: the reference crops at floor(S/2) without interpolating, and so do we."
+    "Without rotation or scaling the reference crops at floor(S/2) without interpolating, and so do we."
     seg = blob_labels(source, 3, 0)
     image = torch.randn(seg.shape)
     st = SpatialTransform(patch, 0, False, border_mode_seg='constant', padding_value_seg=-1)
-    params = {'center_location_in_pixels': [s / 2 for s in source], 'grid': None, 'affine': None, 'elastic_offsets': None}
-    ours_image, ours_seg, _ = spatial_transform(image[None], seg[None], patch, torch.Generator(), rotation=1.0,
-                                                p_rotation=0, p_scaling=0)
+    params = {'center_location_in_pixels': [s / 2 for s in source], 'grid': None, 'affine': None,
+              'elastic_offsets': None}
+    ours_image, ours_seg, _ = spatial_transform(image[None], seg[None], patch, torch.Generator(),
+                                                rotation=1.0, p_rotation=0, p_scaling=0)
     torch.testing.assert_close(ours_image[0], st._apply_to_image(image, **params))
     torch.testing.assert_close(ours_seg[0], st._apply_to_segmentation(seg, **params))
 
@@ -108,7 +114,8 @@ def test_mask_remove_regions_and_ds_equal_reference():
     ref_seg = RemoveLabelTransform(-1, 0).apply({'segmentation': seg.clone()})['segmentation']
     torch.testing.assert_close(remove_outside_label(seg[None])[0], ref_seg)
     regions = [(1, 2, 3), (2, 3), (3,)]
-    ref_regions = ConvertSegmentationToRegionsTransform(regions, 0).apply({'segmentation': ref_seg.clone()})['segmentation']
+    to_regions = ConvertSegmentationToRegionsTransform(regions, 0)
+    ref_regions = to_regions.apply({'segmentation': ref_seg.clone()})['segmentation']
     torch.testing.assert_close(labels_to_regions(ref_seg[None], regions)[0], ref_regions)
     strides = [[1, 1, 1], [2, 2, 2], [2, 2, 1], [1, 2, 2]]
     scales = deep_supervision_scales(strides)

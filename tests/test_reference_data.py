@@ -1,10 +1,12 @@
-"""Conformance of nnunet_lite.data with the reference package nnunetv2 (its readers, file listing and integrity check)."""
+"""Conformance of nnunet_lite.data with the reference package nnunetv2: its readers, file listing and
+integrity check."""
 import json
 
 import numpy as np
 import pytest
 
-from nnunet_lite.data import check_dataset, read_dataset_json, read_image, read_label, training_cases, write_label
+from nnunet_lite.data import (check_dataset, read_dataset_json, read_image, read_label, training_cases,
+                              write_label)
 
 from reference_oracle import require_reference  # noqa: E402
 nnunetv2 = require_reference()
@@ -24,9 +26,11 @@ def reference_reader(ds):
 @pytest.mark.parametrize("kind", KINDS)
 def test_case_listing_equals_reference(datasets, kind):
     ds = datasets[kind]
-    ours = {k: {"images": [str(p) for p in v["images"]], "label": str(v["label"])} for k, v in training_cases(ds).items()}
+    ours = {k: {"images": [str(p) for p in v["images"]], "label": str(v["label"])}
+            for k, v in training_cases(ds).items()}
     theirs = get_filenames_of_train_images_and_targets(str(ds), read_dataset_json(ds))
-    theirs = {str(k): {"images": [str(p) for p in v["images"]], "label": str(v["label"])} for k, v in theirs.items()}
+    theirs = {str(k): {"images": [str(p) for p in v["images"]], "label": str(v["label"])}
+              for k, v in theirs.items()}
     assert ours == theirs
 
 

@@ -1,6 +1,6 @@
-"""Ensembling, find-best and a model trained by nnU-Net v2 against the reference: `ensemble_folders` on folders in
-the reference's format, `find_best_configuration` on a synthetic results tree (scores, winner, post-processing), and
-a tiny model trained by nnunetv2 predicted by the reference and by `nnlite predict`."""
+"""Ensembling, find-best and a model trained by nnU-Net v2 against the reference: `ensemble_folders` on
+folders in the reference's format, `find_best_configuration` on a synthetic results tree (scores, winner,
+post-processing), and a tiny model trained by nnunetv2 predicted by the reference and by `nnlite predict`."""
 import contextlib
 import json
 import os
@@ -23,12 +23,12 @@ from nnunet_lite.data import Geometry, write_image, write_label
 from nnunet_lite.ensembling import average_probabilities, ensemble_folders, find_best_configuration
 from nnunet_lite.training import load_checkpoint
 
-from reference_oracle import _quiet, _reference_paths, make_fingerprint, reference_plans, require_reference  # noqa: E402
+from cli_runner import nnlite
+from reference_oracle import require_reference  # noqa: E402
 require_reference()
+from reference_oracle import _quiet, _reference_paths, make_fingerprint, reference_plans  # noqa: E402
 from nnunetv2.ensembling.ensemble import average_probabilities as reference_average  # noqa: E402
 from nnunetv2.ensembling.ensemble import ensemble_folders as reference_ensemble_folders  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 # a non-trivial grid: anisotropic spacing, an origin off zero, a rotated direction (SimpleITK order: x, y, z)
 SPACING_XYZ = (0.7, 0.85, 2.5)
@@ -36,9 +36,10 @@ ORIGIN = (-12.5, 30.25, 4.75)
 _c, _s = np.cos(0.3), np.sin(0.3)
 DIRECTION = (_c, -_s, 0.0, _s, _c, 0.0, 0.0, 0.0, 1.0)
 
-MINIMAL_PLANS = {'dataset_name': 'x', 'plans_name': 'p', 'image_reader_writer': 'SimpleITKIO', 'configurations': {},
-                 'original_median_spacing_after_transp': [1, 1, 1], 'original_median_shape_after_transp': [1, 1, 1],
-                 'transpose_forward': [0, 1, 2], 'transpose_backward': [0, 1, 2], 'experiment_planner_used': 'x',
+MINIMAL_PLANS = {'dataset_name': 'x', 'plans_name': 'p', 'image_reader_writer': 'SimpleITKIO',
+                 'configurations': {}, 'original_median_spacing_after_transp': [1, 1, 1],
+                 'original_median_shape_after_transp': [1, 1, 1], 'transpose_forward': [0, 1, 2],
+                 'transpose_backward': [0, 1, 2], 'experiment_planner_used': 'x',
                  'label_manager': 'LabelManager', 'foreground_intensity_properties_per_channel': {}}
 
 
@@ -49,8 +50,8 @@ def sitk_geometry(path):
 
 def write_reference_prediction(folder: Path, case: str, probabilities: np.ndarray, segmentation: np.ndarray):
     """One case of a prediction folder as nnU-Net v2 writes it with --save_probabilities / --npz: CASE.nii.gz,
-    CASE.npz ('probabilities', float32) and CASE.pkl (the properties; its sitk_stuff read back from CASE.nii.gz,
-    as nnU-Net's properties come from reading the image)."""
+    CASE.npz ('probabilities', float32) and CASE.pkl (the properties; its sitk_stuff read back from
+    CASE.nii.gz, as nnU-Net's properties come from reading the image)."""
     image = sitk.GetImageFromArray(segmentation.astype(np.uint8))
     image.SetSpacing(SPACING_XYZ); image.SetOrigin(ORIGIN); image.SetDirection(DIRECTION)
     sitk.WriteImage(image, str(folder / f'{case}.nii.gz'), True)
@@ -66,9 +67,9 @@ def write_reference_prediction(folder: Path, case: str, probabilities: np.ndarra
 
 @contextlib.contextmanager
 def in_process_pools():
-    """The reference's evaluation, ensembling and post-processing run their work in `spawn` pools (each one costs
-    seconds to start: the workers import torch). Here they get a thread pool instead: the same functions on the
-    same arguments, in this process."""
+    """The reference's evaluation, ensembling and post-processing run their work in `spawn` pools (each one
+    costs seconds to start: the workers import torch). Here they get a thread pool instead: the same functions
+    on the same arguments, in this process."""
     import nnunetv2.ensembling.ensemble as ens
     import nnunetv2.evaluation.evaluate_predictions as ev
     import nnunetv2.postprocessing.remove_connected_components as pp
@@ -83,9 +84,9 @@ def in_process_pools():
         for m, original in saved: m.multiprocessing = original
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. ensemble_folders
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 LABELS = {'background': 0, 'organ': 1, 'lesion': 2}
 REGIONS = {'background': 0, 'whole': [1, 2], 'core': 2}
@@ -103,7 +104,7 @@ def member_folders(root: Path, regions: bool, n_members: int = 3, seed: int = 0)
         (folder / 'plans.json').write_text(json.dumps(MINIMAL_PLANS))
         for case, shape in shapes.items():
             logits = ndimage.gaussian_filter(rng.normal(size=(2 if regions else 3, *shape)), (0, 1, 1, 1)) * 6
-            if regions:     # per region in [0, 1]; 'core' inside 'whole' most of the time, as a trained model's
+            if regions:     # per region in [0, 1]; 'core' mostly inside 'whole', as a trained model's
                 probabilities = 1 / (1 + np.exp(-logits))
                 probabilities[1] = np.minimum(probabilities[1], probabilities[0] + 0.1 * rng.random(shape))
                 segmentation = np.zeros(shape, np.uint8)
@@ -140,7 +141,8 @@ def test_ensemble_folders_equals_reference(tmp_path, regions):
         with np.load(ours / f'{case}.npz') as npz: our_probabilities = npz['probabilities']
         assert reference_probabilities.dtype == np.float32 and reference_probabilities.shape[0] == n_channels
         assert our_probabilities.shape == reference_probabilities.shape
-        np.testing.assert_allclose(our_probabilities.astype(np.float32), reference_probabilities, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(our_probabilities.astype(np.float32), reference_probabilities,
+                                   rtol=0, atol=1e-3)
 
         members = [f / f'{case}.npz' for f in folders]
         in_memory = average_probabilities(members)
@@ -150,9 +152,9 @@ def test_ensemble_folders_equals_reference(tmp_path, regions):
         np.testing.assert_array_equal(in_memory, reference_probabilities)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. find_best_configuration
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 FOLDS = (0, 1, 2, 3, 4)
 CONFIGS = ('2d', '3d_fullres', '3d_lowres')
@@ -184,7 +186,8 @@ def predicted_probabilities(gt: np.ndarray, rng, noise: float, strays: int) -> n
     noise_field = ndimage.gaussian_filter(rng.normal(size=onehot.shape), (0, 1, 1, 1)) * noise * 4
     logits = onehot * 4 + noise_field
     for _ in range(strays):
-        z, y, x = rng.integers(0, gt.shape[0] - 2), rng.integers(0, gt.shape[1] - 3), rng.integers(0, gt.shape[2] - 3)
+        z, y, x = (rng.integers(0, gt.shape[0] - 2), rng.integers(0, gt.shape[1] - 3),
+                   rng.integers(0, gt.shape[2] - 3))
         if (gt[z:z + 2, y:y + 3, x:x + 3] == 0).all():
             logits[rng.integers(1, 3), z:z + 2, y:y + 3, x:x + 3] += 9
     e = np.exp(logits - logits.max(0))
@@ -193,13 +196,15 @@ def predicted_probabilities(gt: np.ndarray, rng, noise: float, strays: int) -> n
 
 PROFILES = {   # per configuration: (noise level, most stray blobs per case)
     'apart': {'2d': (0.9, 2), '3d_fullres': (0.7, 1), '3d_lowres': (1.1, 3)},    # one model clearly best
-    'even': {'2d': (1.6, 1), '3d_fullres': (1.5, 1), '3d_lowres': (1.7, 1)},     # noise dominates: ensembles help
+    'even': {'2d': (1.6, 1), '3d_fullres': (1.5, 1), '3d_lowres': (1.7, 1)},     # noise rules: ensembles help
 }
 
 
-def results_tree(root: Path, ds: str, plans: dict, dataset_json: dict, seed: int, split_lesion: bool, profile: str):
-    """nnUNet_raw/<ds>/dataset.json, nnUNet_preprocessed/<ds>/{nnUNetPlans.json, dataset.json, gt_segmentations},
-    nnUNet_results/<ds>/nnUNetTrainer__nnUNetPlans__<c>/{plans.json, dataset.json, fold_f/validation/...}."""
+def results_tree(root: Path, ds: str, plans: dict, dataset_json: dict, seed: int, split_lesion: bool,
+                 profile: str):
+    """nnUNet_raw/<ds>/dataset.json, nnUNet_preprocessed/<ds>/{nnUNetPlans.json, dataset.json,
+    gt_segmentations}, nnUNet_results/<ds>/nnUNetTrainer__nnUNetPlans__<c>/{plans.json, dataset.json,
+    fold_f/validation/...}."""
     rng = np.random.default_rng(seed)
     plans = {**plans, 'dataset_name': ds}
     raw, pre, res = root / 'nnUNet_raw' / ds, root / 'nnUNet_preprocessed' / ds, root / 'nnUNet_results' / ds
@@ -227,7 +232,8 @@ def results_tree(root: Path, ds: str, plans: dict, dataset_json: dict, seed: int
     return res
 
 
-@pytest.mark.parametrize("seed,split_lesion,profile", [(0, False, 'apart'), (1, True, 'apart'), (2, False, 'even')])
+@pytest.mark.parametrize("seed,split_lesion,profile",
+                         [(0, False, 'apart'), (1, True, 'apart'), (2, False, 'even')])
 def test_find_best_equals_reference(tmp_path, real_plans, seed, split_lesion, profile):
     plans, dataset_json = real_plans
     ds = 'Dataset951_FindBest'
@@ -254,15 +260,16 @@ def test_find_best_equals_reference(tmp_path, real_plans, seed, split_lesion, pr
 
     # the same winner: the reference names it by where its post-processing lives
     reference_pp = Path(reference['best_model_or_ensemble']['postprocessing_file']).parent
-    reference_best = reference_pp.name if reference_pp.parent.name == 'ensembles' else reference_pp.parent.name
-    best = ours['best_model_or_ensemble']
+    in_ensembles = reference_pp.parent.name == 'ensembles'
+    reference_best = reference_pp.name if in_ensembles else reference_pp.parent.name
+    best, theirs = ours['best_model_or_ensemble'], reference['best_model_or_ensemble']
     assert best['name'] == reference_best
-    assert abs(best['result_on_crossval_pre_pp'] - reference['best_model_or_ensemble']['result_on_crossval_pre_pp']) < 1e-6
-    assert abs(best['result_on_crossval_post_pp'] - reference['best_model_or_ensemble']['result_on_crossval_post_pp']) < 1e-6
+    assert abs(best['result_on_crossval_pre_pp'] - theirs['result_on_crossval_pre_pp']) < 1e-6
+    assert abs(best['result_on_crossval_post_pp'] - theirs['result_on_crossval_post_pp']) < 1e-6
 
     # the same post-processing steps
-    reference_steps = [k['labels_or_regions'] for k in
-                       json.loads((reference_pp / 'postprocessing.json').read_text())['postprocessing_kwargs']]
+    reference_pp_json = json.loads((reference_pp / 'postprocessing.json').read_text())
+    reference_steps = [k['labels_or_regions'] for k in reference_pp_json['postprocessing_kwargs']]
     reference_steps = [[int(v) for v in s] if isinstance(s, list) else [int(s)] for s in reference_steps]
     assert [[int(v) for v in s] for s in best['postprocessing_steps']] == reference_steps
     assert reference_steps, "the data should make post-processing choose at least one step"
@@ -270,9 +277,9 @@ def test_find_best_equals_reference(tmp_path, real_plans, seed, split_lesion, pr
     assert reference_best.startswith('ensemble___') == (profile == 'even'), reference['all_results']
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. a model trained by nnunetv2, predicted by both
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 TINY = 'Dataset952_TinyTrained'
 TINY_GEOMETRY = Geometry((1.6, 0.9, 0.8), (-10.0, 5.0, 30.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -280,13 +287,15 @@ TINY_GEOMETRY = Geometry((1.6, 0.9, 0.8), (-10.0, 5.0, 30.0), (1.0, 0.0, 0.0, 0.
 REFERENCE_SCRIPT = """
 import os, sys
 import numpy as np, torch
-from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                  preprocess)
 
 def main(ds_id, ds_name, out):
     extract_fingerprints([ds_id], num_processes=1, check_dataset_integrity=False, verbose=False,
                          show_progress_bar=False)
     plan_experiments([ds_id])
-    preprocess([ds_id], configurations=('3d_fullres',), num_processes=(1,), verbose=False, show_progress_bar=False)
+    preprocess([ds_id], configurations=('3d_fullres',), num_processes=(1,), verbose=False,
+               show_progress_bar=False)
     os.environ['nnUNet_n_proc_DA'] = '0'          # only now: planning calls torch.set_num_threads with it
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -312,9 +321,9 @@ TRAIN_ITERATIONS = 30
 
 
 def tiny_raw_dataset(raw: Path):
-    """6 training and 2 test cases of 16 x 24 x 28: a cube (label 1) with a smaller cube inside (label 2), bright
-    enough that 30 iterations give a network whose argmax is not a near-tie (an untrained one's is, and then the
-    reference's float16 accumulation of the tiles' logits alone flips ~1 % of the voxels)."""
+    """6 training and 2 test cases of 16 x 24 x 28: a cube (label 1) with a smaller cube inside (label 2),
+    bright enough that 30 iterations give a network whose argmax is not a near-tie (an untrained one's is, and
+    then the reference's float16 accumulation of the tiles' logits alone flips ~1 % of the voxels)."""
     rng = np.random.default_rng(0)
     for i in range(8):
         seg = np.zeros((16, 24, 28), np.uint8)
@@ -327,13 +336,8 @@ def tiny_raw_dataset(raw: Path):
             write_label(seg, TINY_GEOMETRY, raw / 'labelsTr' / f'case_{i:03d}.nii.gz')
         else:
             write_image(image, TINY_GEOMETRY, raw / 'imagesTs', f'test_{i - 6:03d}')
-    (raw / 'dataset.json').write_text(json.dumps({'channel_names': {'0': 'CT'}, 'labels': LABELS, 'numTraining': 6,
-                                                  'file_ending': '.nii.gz'}))
-
-
-def nnlite(*args):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    (raw / 'dataset.json').write_text(json.dumps({'channel_names': {'0': 'CT'}, 'labels': LABELS,
+                                                  'numTraining': 6, 'file_ending': '.nii.gz'}))
 
 
 def test_model_trained_by_nnunetv2_predicts_the_same(tmp_path):
@@ -342,16 +346,17 @@ def test_model_trained_by_nnunetv2_predicts_the_same(tmp_path):
     tiny_raw_dataset(roots['nnUNet_raw'] / TINY)
     script = tmp_path / 'reference_train_predict.py'
     script.write_text(REFERENCE_SCRIPT.replace('ITERS', str(TRAIN_ITERATIONS)))
-    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'f'}
+    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, 'nnUNet_def_n_proc': '1',
+           'nnUNet_compile': 'f'}
     env.pop('nnUNet_n_proc_DA', None)
     reference_out = tmp_path / 'reference_predictions'
-    r = subprocess.run([sys.executable, str(script), TINY[7:10], TINY, str(reference_out)], capture_output=True,
-                       text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, str(script), TINY[7:10], TINY, str(reference_out)],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = roots['nnUNet_results'] / TINY / 'nnUNetTrainer__nnUNetPlans__3d_fullres'
     checkpoint_file = model / 'fold_0' / 'checkpoint_final.pth'
 
-    # our loader takes the reference's checkpoint with weights_only (numpy scalars in it, which plain torch refuses)
+    # our loader takes the reference's checkpoint with weights_only (numpy scalars in it: plain torch refuses)
     with pytest.raises(Exception):
         torch.load(checkpoint_file, map_location='cpu', weights_only=True)
     ours = load_checkpoint(checkpoint_file)
@@ -365,8 +370,8 @@ def test_model_trained_by_nnunetv2_predicts_the_same(tmp_path):
     agreement = {}
     for flags in ((), ('--no-amp',)):
         out = tmp_path / ('ours' + ''.join(flags))
-        r = nnlite('predict', '-i', roots['nnUNet_raw'] / TINY / 'imagesTs', '-o', out, '-m', model, '--device', 'cpu',
-                   '-q', *flags)
+        r = nnlite('predict', '-i', roots['nnUNet_raw'] / TINY / 'imagesTs', '-o', out, '-m', model,
+                   '--device', 'cpu', '-q', *flags)
         assert r.returncode == 0, r.stdout + r.stderr
         same = total = 0
         for case in ('test_000', 'test_001'):
@@ -380,7 +385,7 @@ def test_model_trained_by_nnunetv2_predicts_the_same(tmp_path):
             same, total = same + int((a == b).sum()), total + a.size
         agreement[flags] = same / total
     print('voxel agreement with the reference:', {' '.join(k) or 'amp': v for k, v in agreement.items()})
-    # the reference runs the network in float32 on a CPU; our default autocasts to bfloat16 where the CPU has it
+    # the reference runs the network in float32 on a CPU; ours autocasts to bfloat16 where the CPU has it
     assert agreement[('--no-amp',)] >= 0.999 and agreement[()] >= 0.99, agreement
 
     # a checkpoint carrying an arbitrary pickled object is refused, in one line
@@ -390,8 +395,8 @@ def test_model_trained_by_nnunetv2_predicts_the_same(tmp_path):
     torch.save(unsafe, evil_model / 'fold_0' / 'checkpoint_final.pth')
     with pytest.raises(ValueError, match='refused'):
         load_checkpoint(evil_model / 'fold_0' / 'checkpoint_final.pth')
-    r = nnlite('predict', '-i', roots['nnUNet_raw'] / TINY / 'imagesTs', '-o', tmp_path / 'evil_out', '-m', evil_model,
-               '--device', 'cpu', '-q')
+    r = nnlite('predict', '-i', roots['nnUNet_raw'] / TINY / 'imagesTs', '-o', tmp_path / 'evil_out', '-m',
+               evil_model, '--device', 'cpu', '-q')
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and 'refused' in lines[0], r.stderr

@@ -1,8 +1,5 @@
 """Evaluation against nnU-Net v2's compute_metrics and compute_metrics_on_folder, and `nnlite evaluate`."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +7,13 @@ import pytest
 from nnunet_lite.data import Geometry, write_label
 from nnunet_lite.evaluation import case_metrics, evaluate_folder
 
+from cli_runner import nnlite
 from reference_oracle import require_reference  # noqa: E402
 require_reference()
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics, compute_metrics_on_folder  # noqa: E402
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO  # noqa: E402
 
 GEOMETRY = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-REPO = Path(__file__).resolve().parents[1]
 
 
 def random_pair(rng, n_labels, shape=(6, 9, 11)):
@@ -33,7 +30,8 @@ def test_case_metrics_equal_compute_metrics(tmp_path, classes, ignore, seed):
     ref, pred = random_pair(rng, 4)
     if seed == 2: pred[pred == 1] = 0; ref[ref == 1] = 0          # a label absent from both: NaN
     write_label(ref, GEOMETRY, tmp_path / 'ref.nii.gz'); write_label(pred, GEOMETRY, tmp_path / 'pred.nii.gz')
-    theirs = compute_metrics(str(tmp_path / 'ref.nii.gz'), str(tmp_path / 'pred.nii.gz'), SimpleITKIO(), classes, ignore)['metrics']
+    theirs = compute_metrics(str(tmp_path / 'ref.nii.gz'), str(tmp_path / 'pred.nii.gz'), SimpleITKIO(),
+                             classes, ignore)['metrics']
     ours = case_metrics(ref, pred, classes, ignore)
     for c in classes:
         for m, v in theirs[c].items():
@@ -46,23 +44,25 @@ def test_folder_summary_equals_compute_metrics_on_folder(tmp_path):
     for i in range(4):
         ref, pred = random_pair(rng, 3)
         if i == 0: ref[ref == 2] = 0; pred[pred == 2] = 0
-        write_label(ref, GEOMETRY, tmp_path / 'gt' / f'c{i}.nii.gz'); write_label(pred, GEOMETRY, tmp_path / 'pred' / f'c{i}.nii.gz')
-    dataset_json = {'labels': {'background': 0, 'a': 1, 'b': 2}, 'file_ending': '.nii.gz', 'channel_names': {'0': 'x'},
-                    'numTraining': 4}
+        write_label(ref, GEOMETRY, tmp_path / 'gt' / f'c{i}.nii.gz')
+        write_label(pred, GEOMETRY, tmp_path / 'pred' / f'c{i}.nii.gz')
+    dataset_json = {'labels': {'background': 0, 'a': 1, 'b': 2}, 'file_ending': '.nii.gz',
+                    'channel_names': {'0': 'x'}, 'numTraining': 4}
     (tmp_path / 'gt' / 'dataset.json').write_text(json.dumps(dataset_json))
     ours = evaluate_folder(tmp_path / 'pred', tmp_path / 'gt', progress=False)
-    theirs = compute_metrics_on_folder(str(tmp_path / 'gt'), str(tmp_path / 'pred'), str(tmp_path / 'theirs.json'),
-                                       SimpleITKIO(), '.nii.gz', [1, 2], None, num_processes=1)
+    theirs = compute_metrics_on_folder(str(tmp_path / 'gt'), str(tmp_path / 'pred'),
+                                       str(tmp_path / 'theirs.json'), SimpleITKIO(), '.nii.gz', [1, 2], None,
+                                       num_processes=1)
     for c in (1, 2):
-        for m, v in theirs['mean'][c].items(): np.testing.assert_allclose(ours['mean'][c][m], v, err_msg=f"{c} {m}")
+        for m, v in theirs['mean'][c].items():
+            np.testing.assert_allclose(ours['mean'][c][m], v, err_msg=f"{c} {m}")
     for m, v in theirs['foreground_mean'].items(): np.testing.assert_allclose(ours['foreground_mean'][m], v)
-    saved, ref_saved = (json.loads(p.read_text()) for p in (tmp_path / 'pred' / 'summary.json', tmp_path / 'theirs.json'))
+    saved = json.loads((tmp_path / 'pred' / 'summary.json').read_text())
+    ref_saved = json.loads((tmp_path / 'theirs.json').read_text())
     assert sorted(saved) == sorted(ref_saved) and sorted(saved['mean']) == sorted(ref_saved['mean'])
-    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'evaluate', tmp_path / 'pred', tmp_path / 'gt', '-q',
-                        '-o', tmp_path / 'cli.json'], capture_output=True, text=True, cwd=REPO)
+    r = nnlite('evaluate', tmp_path / 'pred', tmp_path / 'gt', '-q', '-o', tmp_path / 'cli.json')
     assert r.returncode == 0, r.stderr
     assert 'foreground mean Dice' in r.stdout and (tmp_path / 'cli.json').exists()
     (tmp_path / 'gt' / 'c3.nii.gz').unlink()
-    r = subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', 'evaluate', tmp_path / 'pred', tmp_path / 'gt', '-q'],
-                       capture_output=True, text=True, cwd=REPO)
+    r = nnlite('evaluate', tmp_path / 'pred', tmp_path / 'gt', '-q')
     assert r.returncode == 1 and 'c3.nii.gz: reference missing' in r.stderr

@@ -1,6 +1,6 @@
-"""Conformance of nnunet_lite.preprocessing with nnU-Net v2: `DefaultPreprocessor.run_case` on synthetic datasets
-(CT and MR, isotropic, anisotropic and transposed, 3D and 2D, every configuration of their plans), the default
-resampling functions, the foreground location sampling, and the export of predictions
+"""Conformance of nnunet_lite.preprocessing with nnU-Net v2: `DefaultPreprocessor.run_case` on synthetic
+datasets (CT and MR, isotropic, anisotropic and transposed, 3D and 2D, every configuration of their plans),
+the default resampling functions, the foreground location sampling, and the export of predictions
 (`convert_predicted_logits_to_segmentation_with_correct_shape`).
 
 Images must agree to 1e-3 of the normalised intensity range (in practice ~1e-7), labels exactly."""
@@ -14,9 +14,9 @@ from scipy import ndimage
 from nnunet_lite.data import make_synthetic_dataset, read_dataset_json, training_cases
 from nnunet_lite.data import held_out_cases
 from nnunet_lite.fingerprint import extract_fingerprint
-from nnunet_lite.plans import plan_experiment
-from nnunet_lite.preprocessing import (load_preprocessed_case, preprocess_case, preprocess_dataset, resample_image, resample_label,
-                                       revert, sample_class_locations)
+from nnunet_lite.plans import Configuration, plan_experiment
+from nnunet_lite.preprocessing import (load_preprocessed_case, preprocess_case, preprocess_dataset,
+                                       resample_image, resample_label, revert, sample_class_locations)
 
 from reference_oracle import require_reference  # noqa: E402
 require_reference()
@@ -30,18 +30,20 @@ from reference_oracle import reference_preprocess_case  # noqa: E402
 IMAGE_RTOL = 1e-3   # max |ours - reference| as a fraction of the reference's intensity range
 PROB_ATOL = 1e-4
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # synthetic datasets and their plans (made lazily, once per module)
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
-# name: (kind, SynthSpec overrides, GPU memory for the planner). Every dataset has 4 training cases and 1 test case;
-# with spacing jitter and 4 cases the median (target) spacing is nobody's own spacing, so every case is resampled.
+# name: (kind, SynthSpec overrides, GPU memory for the planner). Every dataset has 4 training cases and 1
+# test case; with spacing jitter and 4 cases the median (target) spacing is nobody's own spacing, so every
+# case is resampled.
 DATASETS = {
     # the tiny GPU budget makes the planner shrink the fullres patch below 25 % of the image: a real 3d_lowres
     "ct": ("ct", dict(shape=(20, 32, 32), spacing_jitter=0.2), 0.002),
-    "mr": ("mr", dict(shape=(20, 32, 32), spacing_jitter=0.2), 8),                       # 2 channels, zero background
+    "mr": ("mr", dict(shape=(20, 32, 32), spacing_jitter=0.2), 8),               # 2 channels, zero background
     "ct_aniso": ("ct_aniso", dict(shape=(8, 32, 32), spacing_jitter=0.2), 8),            # 5 x 0.8 x 0.8 mm
-    "mr_aniso_T": ("mr_aniso", dict(shape=(40, 40, 10), spacing=(0.8, 0.8, 5.0), spacing_jitter=0.2), 8),  # coarse x
+    # coarse x: transposed
+    "mr_aniso_T": ("mr_aniso", dict(shape=(40, 40, 10), spacing=(0.8, 0.8, 5.0), spacing_jitter=0.2), 8),
     "ct2d": ("ct2d", dict(shape=(32, 32), spacing_jitter=0.2), 8),                       # 2D NIfTI
     "mr2d": ("mr2d", dict(shape=(32, 32)), 8),                                           # 2D .png
 }
@@ -64,10 +66,11 @@ class _Planned:
         "(folder, dataset_json, plans) of a synthetic dataset."
         if name not in self._datasets:
             kind, overrides, gpu = DATASETS[name]
-            folder = make_synthetic_dataset(self.root / name, kind, workers=2, progress=False, n_train=4, n_test=1,
-                                            **overrides)
+            folder = make_synthetic_dataset(self.root / name, kind, workers=2, progress=False, n_train=4,
+                                            n_test=1, **overrides)
             dataset_json = read_dataset_json(folder)
-            plans = plan_experiment(extract_fingerprint(folder, progress=False), dataset_json, gpu_memory_gb=gpu)
+            plans = plan_experiment(extract_fingerprint(folder, progress=False), dataset_json,
+                                    gpu_memory_gb=gpu)
             self._datasets[name] = folder, dataset_json, json.loads(json.dumps(plans))
         return self._datasets[name]
 
@@ -85,7 +88,8 @@ class _Planned:
             assert configuration in plans["configurations"], f"{name}: plans lack {configuration}"
             self._results[key] = [
                 (case_id, label is not None,
-                 preprocess_case(images, label, plans, configuration, dataset_json),
+                 preprocess_case(images, label, Configuration.from_plans(plans, configuration, dataset_json),
+                                 dataset_json),
                  reference_preprocess_case(images, label, plans, configuration, dataset_json))
                 for case_id, images, label in self.cases(name)]
         return self._results[key]
@@ -109,12 +113,13 @@ def assert_labels_equal(ours, ref, what=""):
     assert ours.shape == ref.shape, what
     assert ours.dtype == ref.dtype, f"{what}: {ours.dtype} vs {ref.dtype}"
     bad = ours != ref
-    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} voxels differ, first at {np.argwhere(bad)[:5].tolist()}"
+    first = np.argwhere(bad)[:5].tolist()
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.size} voxels differ, first at {first}"
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # whole cases vs DefaultPreprocessor.run_case
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,configuration", CONFIGS, ids=[f"{n}-{c}" for n, c in CONFIGS])
 def test_preprocess_case_equals_reference(planned, name, configuration):
@@ -128,14 +133,18 @@ def test_preprocess_case_equals_reference(planned, name, configuration):
         assert_labels_equal(seg, rseg, what)
         assert seg.ndim == 4 and seg.shape[0] == 1 and seg.shape[1:] == data.shape[1:]
         assert list(props["shape_before_cropping"]) == list(rprops["shape_before_cropping"]), what
-        assert [list(b) for b in props["bbox_used_for_cropping"]] == [list(b) for b in rprops["bbox_used_for_cropping"]], what
+        bbox, ref_bbox = props["bbox_used_for_cropping"], rprops["bbox_used_for_cropping"]
+        assert [list(b) for b in bbox] == [list(b) for b in ref_bbox], what
         assert (list(props["shape_after_cropping_and_before_resampling"])
                 == list(rprops["shape_after_cropping_and_before_resampling"])), what
         assert list(props["shape_after_resampling"]) == list(data.shape[1:]), what
-        assert props["spacing_before_resampling"] == pytest.approx([rprops["spacing"][a] for a in transpose_forward]), what
+        ref_spacing = [rprops["spacing"][a] for a in transpose_forward]
+        assert props["spacing_before_resampling"] == pytest.approx(ref_spacing), what
         if name in JITTERED and case_id.startswith("case"):  # every training case is really resampled
-            assert props["spacing_before_resampling"] != pytest.approx(props["spacing_after_resampling"]), what
-            assert props["shape_after_resampling"] != props["shape_after_cropping_and_before_resampling"], what
+            spacing_after = props["spacing_after_resampling"]
+            assert props["spacing_before_resampling"] != pytest.approx(spacing_after), what
+            shape_before = props["shape_after_cropping_and_before_resampling"]
+            assert props["shape_after_resampling"] != shape_before, what
         if not has_label:
             assert "class_locations" not in props and "class_locations" not in rprops, what
             continue
@@ -169,10 +178,11 @@ def test_datasets_cover_the_intended_cases(planned):
     assert planned.dataset("mr2d")[2]["image_reader_writer"] == "NaturalImage2DIO"
 
 
-@pytest.mark.parametrize("name,configuration", [("ct", "3d_fullres"), ("ct", "3d_lowres"), ("ct_aniso", "3d_fullres"),
+@pytest.mark.parametrize("name,configuration",
+                         [("ct", "3d_fullres"), ("ct", "3d_lowres"), ("ct_aniso", "3d_fullres"),
                                                 ("mr_aniso_T", "2d")])
 def test_up_and_down_sampling_are_both_covered(planned, name, configuration):
-    "Per axis, the ratio of resampled to cropped size: 3d_lowres only shrinks, the others grow some axes and shrink others."
+    "Per axis, resampled over cropped size: 3d_lowres only shrinks, the others grow some axes, shrink others."
     ratios = np.array([np.divide(p["shape_after_resampling"], p["shape_after_cropping_and_before_resampling"])
                        for _, _, (_, _, p), _ in planned.results(name, configuration)])
     if configuration == "3d_lowres":
@@ -188,10 +198,12 @@ def test_ct_normalisation_uses_the_fingerprint_statistics(planned):
              "percentile_99_5": 600.0, "percentile_00_5": -300.0}
     plans = {**plans, "foreground_intensity_properties_per_channel": {"0": stats}}
     case = next(iter(training_cases(folder, dataset_json).values()))
-    data, _, _ = preprocess_case(case["images"], case["label"], plans, "3d_fullres", dataset_json)
+    config = Configuration.from_plans(plans, "3d_fullres", dataset_json)
+    data, _, _ = preprocess_case(case["images"], case["label"], config, dataset_json)
     rdata, _, _ = reference_preprocess_case(case["images"], case["label"], plans, "3d_fullres", dataset_json)
     assert_image_close(data, rdata, "ct with made-up statistics")
-    lo, hi = (stats["percentile_00_5"] - stats["mean"]) / stats["std"], (stats["percentile_99_5"] - stats["mean"]) / stats["std"]
+    lo = (stats["percentile_00_5"] - stats["mean"]) / stats["std"]
+    hi = (stats["percentile_99_5"] - stats["mean"]) / stats["std"]
     assert data.min() == pytest.approx(lo, abs=1e-5) and data.max() == pytest.approx(hi, abs=1e-5)
     normal, _, _ = planned.results("ct", "3d_fullres")[0][2]
     assert np.abs(normal - data).max() > 0.1   # the statistics matter
@@ -204,16 +216,18 @@ def test_preprocess_dataset_and_load_case_equal_reference(planned, tmp_path):
     cases = training_cases(folder, dataset_json)
     for case_id, v in cases.items():
         data, seg, props = load_preprocessed_case(out, case_id)
-        rdata, rseg, rprops = reference_preprocess_case(v["images"], v["label"], plans, "3d_fullres", dataset_json)
+        rdata, rseg, rprops = reference_preprocess_case(v["images"], v["label"], plans, "3d_fullres",
+                                                        dataset_json)
         assert_image_close(np.asarray(data), rdata, case_id)
         assert_labels_equal(np.asarray(seg), rseg, case_id)
         for c, ref_loc in rprops["class_locations"].items():
-            assert np.array_equal(props["class_locations"][c], np.asarray(ref_loc).reshape(-1, 4)[:, 1:]), (case_id, c)
+            ref_loc = np.asarray(ref_loc).reshape(-1, 4)[:, 1:]
+            assert np.array_equal(props["class_locations"][c], ref_loc), (case_id, c)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # resampling functions vs resample_data_or_seg_to_shape
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # (input shape, output shape, current spacing, new spacing, force_separate_z)
 RESAMPLINGS = {
@@ -240,7 +254,7 @@ def smooth_volume(shape, channels, seed):
 
 
 def label_map(shape, n_labels, seed, smooth=True, with_outside=False):
-    "Smooth blobs (or i.i.d. noise) quantised into labels 0..n_labels-1; optionally -1 (outside the body) at one side."
+    "Smooth blobs (or i.i.d. noise) quantised into labels 0..n_labels-1; optionally -1 (outside) on one side."
     rng = np.random.default_rng(seed)
     noise = rng.normal(size=shape)
     if not smooth:
@@ -260,13 +274,13 @@ def test_resample_image_equals_reference(case, order, order_z):
     shape, new_shape, sp, new_sp, force = RESAMPLINGS[case]
     data = smooth_volume(shape, 2, seed=len(case))
     ours = resample_image(data, new_shape, sp, new_sp, order=order, order_z=order_z, force_separate_z=force)
-    ref = resample_data_or_seg_to_shape(data, new_shape, sp, new_sp, is_seg=False, order=order, order_z=order_z,
-                                        force_separate_z=force)
+    ref = resample_data_or_seg_to_shape(data, new_shape, sp, new_sp, is_seg=False, order=order,
+                                        order_z=order_z, force_separate_z=force)
     assert ours.shape == (2, *new_shape)
     assert_image_close(ours, ref, case)
     # torch input gives the same numbers
-    assert np.array_equal(resample_image(torch.from_numpy(data), new_shape, sp, new_sp, order=order, order_z=order_z,
-                                         force_separate_z=force).numpy(), ours)
+    assert np.array_equal(resample_image(torch.from_numpy(data), new_shape, sp, new_sp, order=order,
+                                         order_z=order_z, force_separate_z=force).numpy(), ours)
 
 
 LABEL_MAPS = {"3_labels_smooth": (3, True, False), "5_labels_smooth": (5, True, False),
@@ -282,8 +296,8 @@ def test_resample_label_equals_reference(case, labels, order_z):
     n, smooth, outside = LABEL_MAPS[labels]
     label = label_map(shape, n, seed=n + 7 * len(case), smooth=smooth, with_outside=outside)
     ours = resample_label(label, new_shape, sp, new_sp, order=1, order_z=order_z, force_separate_z=force)
-    ref = resample_data_or_seg_to_shape(label[None], new_shape, sp, new_sp, is_seg=True, order=1, order_z=order_z,
-                                        force_separate_z=force)[0]
+    ref = resample_data_or_seg_to_shape(label[None], new_shape, sp, new_sp, is_seg=True, order=1,
+                                        order_z=order_z, force_separate_z=force)[0]
     assert ours.dtype == label.dtype
     assert_labels_equal(ours, ref, f"{case} {labels}")
 
@@ -295,27 +309,29 @@ def test_resample_label_breaks_exact_ties_like_the_reference(new_shape):
     rng = np.random.default_rng(0)
     for _ in range(5):
         label = rng.integers(0, 4, (6, 7, 8)).astype(np.int16)
-        ref = resample_data_or_seg_to_shape(label[None], new_shape, (1, 1, 1), (1, 1, 1), is_seg=True, order=1,
-                                            force_separate_z=False)[0]
-        assert_labels_equal(resample_label(label, new_shape, (1, 1, 1), (1, 1, 1), force_separate_z=False), ref, str(new_shape))
+        ref = resample_data_or_seg_to_shape(label[None], new_shape, (1, 1, 1), (1, 1, 1), is_seg=True,
+                                            order=1, force_separate_z=False)[0]
+        ours = resample_label(label, new_shape, (1, 1, 1), (1, 1, 1), force_separate_z=False)
+        assert_labels_equal(ours, ref, str(new_shape))
 
 
 def test_resample_label_keeps_a_single_label():
     label = np.full((6, 8, 8), 2, np.int16)
     ours = resample_label(label, (9, 5, 12), (1, 1, 1), (0.7, 1.6, 0.7))
-    ref = resample_data_or_seg_to_shape(label[None], (9, 5, 12), (1, 1, 1), (0.7, 1.6, 0.7), is_seg=True, order=1)[0]
+    ref = resample_data_or_seg_to_shape(label[None], (9, 5, 12), (1, 1, 1), (0.7, 1.6, 0.7), is_seg=True,
+                                        order=1)[0]
     assert_labels_equal(ours, ref)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # foreground locations vs DefaultPreprocessor._sample_foreground_locations
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("classes,max_per_class", [
     ([1, 2, 3], 10_000),                       # all present, all kept
     ([1, 2, 3, 4], 10_000),                    # class 4 is absent
     ([1, 2, 3], 300),                          # capped at 300 voxels per class
-    ([3, 1, 2], 50),                           # capped, and the 1 % coverage (>50 voxels) wins for big classes
+    ([3, 1, 2], 50),                           # capped, and the 1 % coverage (>50) wins for big classes
     ([(1, 2, 3), (2, 3), 3], 10_000),          # regions
     ([(1, 2, 3), (2, 3), (3,), (4,)], 400),    # regions, capped, one absent
     ([1, 2, 3, (-1, 0, 1, 2, 3)], 500),        # the ignore label's 'all annotated voxels' class
@@ -323,8 +339,8 @@ def test_resample_label_keeps_a_single_label():
 def test_sample_class_locations_equals_reference(classes, max_per_class):
     label = label_map((18, 30, 32), 4, seed=3, with_outside=True)
     ours = sample_class_locations(label, classes, max_per_class=max_per_class)
-    ref = DefaultPreprocessor._sample_foreground_locations(label[None], [list(c) if isinstance(c, tuple) else c
-                                                                         for c in classes],
+    as_lists = [list(c) if isinstance(c, tuple) else c for c in classes]
+    ref = DefaultPreprocessor._sample_foreground_locations(label[None], as_lists,
                                                            min_num_samples=max_per_class)
     assert list(ours) == list(ref)
     for c in ours:
@@ -333,12 +349,13 @@ def test_sample_class_locations_equals_reference(classes, max_per_class):
         assert np.array_equal(ours[c], ref_loc[:, 1:]), c
         members = c if isinstance(c, tuple) else (c,)
         total = int(np.isin(label, members).sum())
-        assert len(ours[c]) == (0 if total == 0 else max(min(max_per_class, total), int(np.ceil(0.01 * total))))
+        expected = 0 if total == 0 else max(min(max_per_class, total), int(np.ceil(0.01 * total)))
+        assert len(ours[c]) == expected
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # revert vs convert_predicted_logits_to_segmentation_with_correct_shape
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
 def test_revert_equals_reference_export(planned, configuration):
@@ -352,15 +369,18 @@ def test_revert_equals_reference_export(planned, configuration):
     mismatches = total = 0
     for case_id, has_label, (data, _, props), (_, _, rprops) in planned.results("mr_aniso_T", configuration):
         shape_before = rprops["shape_before_cropping"]
-        assert [b - a for a, b in rprops["bbox_used_for_cropping"]] != list(shape_before), "the case is not cropped"
+        cropped = [b - a for a, b in rprops["bbox_used_for_cropping"]]
+        assert cropped != list(shape_before), "the case is not cropped"
         logits = (rng.normal(size=(n_classes, *data.shape[1:])) * 3).astype(np.float32)
-        seg, probs = revert(logits, props, plans["configurations"][configuration], return_probabilities=True)
-        seg_only = revert(torch.from_numpy(logits), props, plans["configurations"][configuration])
+        config = Configuration.from_plans(plans, configuration, dataset_json)
+        seg, probs = revert(logits, props, config, return_probabilities=True)
+        seg_only = revert(torch.from_numpy(logits), props, config)
         rseg, rprobs = convert_predicted_logits_to_segmentation_with_correct_shape(
             torch.from_numpy(logits), plans_manager, cfg_manager, label_manager, dict(rprops),
             return_probabilities=True, num_threads_torch=1)
         rseg_logits = convert_predicted_logits_to_segmentation_with_correct_shape(
-            torch.from_numpy(logits), plans_manager, cfg_manager, label_manager, dict(rprops), num_threads_torch=1)
+            torch.from_numpy(logits), plans_manager, cfg_manager, label_manager, dict(rprops),
+            num_threads_torch=1)
         original_shape = tuple(np.array(shape_before)[plans["transpose_backward"]])
         assert seg.shape == rseg.shape == original_shape and seg.dtype == rseg.dtype == np.uint8
         assert np.array_equal(seg, seg_only), case_id

@@ -1,6 +1,6 @@
-"""A ResEnc M model through the command line, as a user runs it: plan with `--preset resenc_m`, preprocess, train
-a fold of 2d and of 3d_fullres (residual encoders), pick the best with `find-best`, predict new images with its
-instructions; nnU-Net v2's names on every file."""
+"""A ResEnc M model through the command line, as a user runs it: plan with `--preset resenc_m`, preprocess,
+train a fold of 2d and of 3d_fullres (residual encoders), pick the best with `find-best`, predict new images
+with its instructions; nnU-Net v2's names on every file."""
 import json
 
 import numpy as np
@@ -29,7 +29,8 @@ def test_resenc_m_train_and_predict_through_the_cli(tmp_path):
     for name in ('2d', '3d_fullres'):
         ok(nnlite('train', pre, '-c', name, '-f', 0, '--npz', *short))
         weights = load_checkpoint(results / name / 'fold_0' / 'checkpoint_final.pth')['network_weights']
-        assert 'encoder.stem.convs.0.conv.weight' in weights and 'encoder.stages.1.blocks.2.conv2.norm.weight' in weights
+        assert 'encoder.stem.convs.0.conv.weight' in weights
+        assert 'encoder.stages.1.blocks.2.conv2.norm.weight' in weights
 
     r = ok(nnlite('find-best', results, '-f', 0, '-q'))
     info = json.loads((results / 'inference_instructions.json').read_text())
@@ -48,11 +49,13 @@ def test_resenc_plans_share_the_default_plans_preprocessed_data(tmp_path):
     "3d_fullres preprocessed for v2 is reused as it is for resenc_m (the same data identifier and settings)."
     from nnunet_lite.plans import plan_dataset
     from nnunet_lite.preprocessing import preprocess_dataset
-    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=3, n_test=0, shape=(12, 20, 20), progress=False)
+    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=3, n_test=0, shape=(12, 20, 20),
+                                 progress=False)
     v2 = plan_dataset(raw, tmp_path / 'pre', progress=False)
     folder = preprocess_dataset(raw, v2, '3d_fullres', tmp_path / 'pre', progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob('case_*')}
     resenc = plan_dataset(raw, tmp_path / 'pre', preset='resenc_m', progress=False, check=False)
-    assert resenc['configurations']['3d_fullres']['data_identifier'] == v2['configurations']['3d_fullres']['data_identifier']
+    identifier = v2['configurations']['3d_fullres']['data_identifier']
+    assert resenc['configurations']['3d_fullres']['data_identifier'] == identifier
     preprocess_dataset(raw, resenc, '3d_fullres', tmp_path / 'pre', progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob('case_*')} == before

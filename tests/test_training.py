@@ -1,7 +1,6 @@
-"""The trainer as a user runs it: it learns, it resumes a killed run exactly, it trains with torchrun on 2 gloo
-processes, and the `nnlite train` command gives one-line errors."""
+"""The trainer as a user runs it: it learns, it resumes a killed run exactly, it trains with torchrun on 2
+gloo processes, and the `nnlite train` command gives one-line errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from nnunet_lite.preprocessing import preprocess_dataset
 from nnunet_lite.network import reference_key, reference_state_dict
 from nnunet_lite.training import Trainer, load_checkpoint, save_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from cli_runner import environment, nnlite, start
 
 
 def preprocessed(root: Path, kind: str, configuration: str, **synth) -> Path:
@@ -33,11 +32,6 @@ def preprocessed(root: Path, kind: str, configuration: str, **synth) -> Path:
 def tiny3d(tmp_path_factory):
     "5 CT-like cases of ~16x24x24 voxels, planned and preprocessed for 3d_fullres (batch 2)."
     return preprocessed(tmp_path_factory.mktemp('tiny3d'), 'ct', '3d_fullres', n_train=5, shape=(16, 24, 24))
-
-
-def nnlite(*args, env=None, **kw):
-    return subprocess.run([sys.executable, '-m', 'nnunet_lite.cli', *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, **kw)
 
 
 def test_a_few_hundred_iterations_reach_dice_08(tmp_path):
@@ -55,16 +49,16 @@ def weights_of(path):
 
 
 def test_killed_run_resumes_exactly(tiny3d, tmp_path):
-    """Kill -9 a run mid-training (after its 2nd checkpoint), resume it: the final weights, optimiser state and log
-    equal those of a run that was never interrupted, bit for bit."""
-    args = [tiny3d, '-c', '3d_fullres', '-f', '0', '--epochs', 7, '--iters', 3, '--val-iters', 1, '--save-every', 1, '-q']
+    """Kill -9 a run mid-training (after its 2nd checkpoint), resume it: the final weights, optimiser state
+    and log equal those of a run that was never interrupted, bit for bit."""
+    args = [tiny3d, '-c', '3d_fullres', '-f', '0', '--epochs', 7, '--iters', 3, '--val-iters', 1,
+            '--save-every', 1, '-q']
     env = {'OMP_NUM_THREADS': '2'}
     whole = nnlite('train', *args, '-o', tmp_path / 'whole', env=env)
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, '-m', 'nnunet_lite.cli', 'train', *map(str, args), '-o', str(out)],
-                            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start('train', *args, '-o', out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest, deadline = out / 'fold_0' / 'checkpoint_latest.pth', time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if latest.exists():
@@ -73,7 +67,7 @@ def test_killed_run_resumes_exactly(tiny3d, tmp_path):
             except ValueError:
                 pass
         time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-500:]}"
     proc.send_signal(signal.SIGKILL); proc.wait()
     killed_at = load_checkpoint(latest)['current_epoch']
     assert 2 <= killed_at < 7 and not (out / 'fold_0' / 'checkpoint_final.pth').exists()
@@ -81,7 +75,8 @@ def test_killed_run_resumes_exactly(tiny3d, tmp_path):
     resumed = nnlite('train', *args, '-o', out, '--resume', env=env)
     assert resumed.returncode == 0, resumed.stderr
     out = out / 'fold_0'
-    a, b = load_checkpoint(tmp_path / 'whole' / 'fold_0' / 'checkpoint_final.pth'), load_checkpoint(out / 'checkpoint_final.pth')
+    a = load_checkpoint(tmp_path / 'whole' / 'fold_0' / 'checkpoint_final.pth')
+    b = load_checkpoint(out / 'checkpoint_final.pth')
     assert a['current_epoch'] == b['current_epoch'] == 7
     for k in a['network_weights']: assert torch.equal(a['network_weights'][k], b['network_weights'][k]), k
     for (i, s), (j, t) in zip(a['optimizer_state']['state'].items(), b['optimizer_state']['state'].items()):
@@ -91,24 +86,29 @@ def test_killed_run_resumes_exactly(tiny3d, tmp_path):
     assert pd.read_csv(out / 'log.csv').epoch.tolist() == list(range(7))
     assert not (out / 'checkpoint_latest.pth').exists() and not list(out.glob('.*.tmp'))
 
-    again = nnlite('train', *args, '-o', out.parent, '--resume', env=env)      # a finished run has nothing left to do
+    again = nnlite('train', *args, '-o', out.parent, '--resume', env=env)    # a finished run: nothing to do
     assert again.returncode == 0 and 'epoch 6' in again.stdout
-    for k, v in weights_of(out / 'checkpoint_final.pth').items(): assert torch.equal(v, b['network_weights'][k])
+    for k, v in weights_of(out / 'checkpoint_final.pth').items():
+        assert torch.equal(v, b['network_weights'][k])
 
 
 def test_checkpoint_has_everything_to_resume_and_predict(tiny3d, tmp_path):
-    trainer = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=2, val_iterations=1,
-                      progress=False).fit()
+    trainer = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=2,
+                      val_iterations=1, progress=False).fit()
     ckpt = torch.load(tmp_path / 'run' / 'checkpoint_final.pth', weights_only=True)
-    assert {'network_weights', 'optimizer_state', 'grad_scaler_state', 'current_epoch', 'schedule', 'log', '_best_ema',
-            'rng_state', 'init_args', 'trainer_name', 'inference_allowed_mirroring_axes'} <= set(ckpt)
+    assert {'network_weights', 'optimizer_state', 'grad_scaler_state', 'current_epoch', 'schedule', 'log',
+            '_best_ema', 'rng_state', 'init_args', 'trainer_name',
+            'inference_allowed_mirroring_axes'} <= set(ckpt)
     args = ckpt['init_args']
-    assert args['plans'] == json.loads((tiny3d / 'plans.json').read_text()) and args['configuration'] == '3d_fullres'
+    assert args['plans'] == json.loads((tiny3d / 'plans.json').read_text())
+    assert args['configuration'] == '3d_fullres'
     assert args['dataset_json'] == json.loads((tiny3d / 'dataset.json').read_text()) and args['fold'] == 0
     assert ckpt['schedule']['epochs'] == 2 and ckpt['current_epoch'] == 2 and len(ckpt['log']) == 2
-    for k, v in reference_state_dict(trainer.network).items(): assert torch.equal(ckpt['network_weights'][k], v)
-    with pytest.raises(ValueError, match='holds checkpoints of an earlier run'):     # a new run never overwrites one
-        Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=1, progress=False).fit()
+    for k, v in reference_state_dict(trainer.network).items():
+        assert torch.equal(ckpt['network_weights'][k], v)
+    with pytest.raises(ValueError, match='holds checkpoints of an earlier run'):    # never overwritten
+        Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'run', epochs=2, iterations=1,
+                progress=False).fit()
     model_dir = tmp_path                  # plans and dataset.json beside the fold folder: a model folder
     assert (model_dir / 'plans.json').exists() and (model_dir / 'dataset.json').exists()
     assert (tmp_path / 'run' / 'progress.png').stat().st_size > 0
@@ -118,20 +118,22 @@ def test_checkpoint_has_everything_to_resume_and_predict(tiny3d, tmp_path):
 
 
 def test_resume_refuses_other_plans(tiny3d, tmp_path):
-    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=0, save_every=1,
-            progress=False).fit()
-    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=3, iterations=1, val_iterations=0, progress=False)
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=0,
+            save_every=1, progress=False).fit()
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=3, iterations=1,
+                val_iterations=0, progress=False)
     t.plans = {**t.plans, 'plans_name': 'other'}
     with pytest.raises(ValueError, match='other plans'): t.fit(resume=True)
 
 
 def test_killed_after_the_last_best_checkpoint_still_finishes(tiny3d, tmp_path):
-    "A run killed after saving checkpoint_best of its last epoch, before checkpoint_final: resume writes final."
-    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=1, progress=False).fit()
+    "Killed after saving checkpoint_best of its last epoch, before checkpoint_final: resume writes the final."
+    short = dict(epochs=2, iterations=1, val_iterations=1, progress=False)
+    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', **short).fit()
     final = tmp_path / 'fold_0' / 'checkpoint_final.pth'
     state = load_checkpoint(final); final.unlink()
     save_checkpoint(tmp_path / 'fold_0' / 'checkpoint_best.pth', state)
-    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', epochs=2, iterations=1, val_iterations=1, progress=False).fit(resume=True)
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', **short).fit(resume=True)
     assert load_checkpoint(final)['current_epoch'] == 2
 
 
@@ -142,11 +144,13 @@ def test_cli_train_errors_are_one_line(tiny3d, tmp_path):
     assert r.returncode == 1 and 'fold 7 does not exist' in r.stderr
     r = nnlite('train', tiny3d, '-c', '2d', '-q', '-o', tmp_path / 'x')
     assert r.returncode == 1 and "run `nnlite preprocess" in r.stderr
-    (tmp_path / 'bad' / 'fold_0').mkdir(parents=True); (tmp_path / 'bad' / 'fold_0' / 'checkpoint_latest.pth').write_bytes(b'\0' * 100)
+    (tmp_path / 'bad' / 'fold_0').mkdir(parents=True)
+    (tmp_path / 'bad' / 'fold_0' / 'checkpoint_latest.pth').write_bytes(b'\0' * 100)
     r = nnlite('train', tiny3d, '-c', '3d_fullres', '-o', tmp_path / 'bad', '--resume', '-q')
     assert r.returncode == 1 and 'checkpoint_latest.pth: not a readable checkpoint' in r.stderr
     r = nnlite('train', tiny3d, '-f', 'x')
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("fold must be a number or 'all', not 'x'")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith("fold must be a number or 'all', not 'x'")
 
 
 DDP_WORKER = '''
@@ -154,18 +158,21 @@ import sys, torch, torch.distributed as dist
 from nnunet_lite.training import Trainer, init_distributed
 rank, world = init_distributed('cpu')
 pre, out = sys.argv[1], sys.argv[2]
-t = Trainer(pre, '3d_fullres', 0, output_dir=out, epochs=2, iterations=3, val_iterations=1, device='cpu', progress=False)
+t = Trainer(pre, '3d_fullres', 0, output_dir=out, epochs=2, iterations=3, val_iterations=1, device='cpu',
+            progress=False)
 train, val = t.batch_streams(); first = next(train); train.close(); val.close()
 t.fit()
-torch.save({'weights': t.network.state_dict(), 'batch': first['data'], 'keys': first['keys']}, f"{out}/rank{rank}.pt")
+torch.save({'weights': t.network.state_dict(), 'batch': first['data'], 'keys': first['keys']},
+           f"{out}/rank{rank}.pt")
 dist.destroy_process_group()
 '''
 
 
 def torchrun(*args, tmp_path):
-    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *map(str, args)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env=environment({'OMP_NUM_THREADS': '1'}))
 
 
 def test_ddp_two_gloo_processes_hold_identical_weights(tiny3d, tmp_path):
@@ -173,7 +180,7 @@ def test_ddp_two_gloo_processes_hold_identical_weights(tiny3d, tmp_path):
     r = torchrun('worker.py', tiny3d, tmp_path / 'out', tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(tmp_path / 'out' / f'rank{i}.pt', weights_only=True) for i in range(2))
-    assert a['batch'].shape[0] == b['batch'].shape[0] == 1            # the plan's batch of 2 split over 2 ranks
+    assert a['batch'].shape[0] == b['batch'].shape[0] == 1            # the plan's batch of 2 over 2 ranks
     assert not torch.equal(a['batch'], b['batch'])                    # each rank samples its own patches
     for k in a['weights']: assert torch.equal(a['weights'][k], b['weights'][k]), k
     final = load_checkpoint(tmp_path / 'out' / 'checkpoint_final.pth')
@@ -183,11 +190,13 @@ def test_ddp_two_gloo_processes_hold_identical_weights(tiny3d, tmp_path):
 
 def test_torchrun_cli_train(tiny3d, tmp_path):
     out = tmp_path / 'model'
-    r = torchrun('-m', 'nnunet_lite.cli', 'train', tiny3d, '-c', '3d_fullres', '-f', '1', '--epochs', 2, '--iters', 2,
-                 '--val-iters', 1, '--device', 'cpu', '-o', out, tmp_path=tmp_path)
+    r = torchrun('-m', 'nnunet_lite.cli', 'train', tiny3d, '-c', '3d_fullres', '-f', '1', '--epochs', 2,
+                 '--iters', 2, '--val-iters', 1, '--device', 'cpu', '-o', out, tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count('training 3d_fullres fold 1') == 1 and 'x 2 processes' in r.stdout   # rank 0 alone speaks
-    assert (out / 'fold_1' / 'checkpoint_final.pth').exists() and len(pd.read_csv(out / 'fold_1' / 'log.csv')) == 2
+    # rank 0 alone speaks
+    assert r.stdout.count('training 3d_fullres fold 1') == 1 and 'x 2 processes' in r.stdout
+    assert (out / 'fold_1' / 'checkpoint_final.pth').exists()
+    assert len(pd.read_csv(out / 'fold_1' / 'log.csv')) == 2
     assert (out / 'plans.json').exists() and (out / 'dataset.json').exists()
 
 
@@ -202,8 +211,8 @@ loss = dice_ce_loss(whole, target, batch_dice=True); loss.backward()          # 
 part = logits[2 * rank:2 * rank + 2].clone().requires_grad_()                 # this rank's half
 ranked = dice_ce_loss(part, target[2 * rank:2 * rank + 2], batch_dice=True, all_ranks=True); ranked.backward()
 mean = ranked.detach().clone(); dist.all_reduce(mean); mean /= world
-assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)                     # DDP's average loss = the whole batch's
-assert torch.allclose(part.grad / world, whole.grad[2 * rank:2 * rank + 2], atol=1e-7)   # and so are the gradients
+assert torch.allclose(mean, loss, atol=1e-6), (mean, loss)              # DDP's mean loss = the whole batch's
+assert torch.allclose(part.grad / world, whole.grad[2 * rank:2 * rank + 2], atol=1e-7)   # and its gradients
 print('ok', rank)
 dist.destroy_process_group()
 '''
@@ -221,7 +230,8 @@ def test_two_datasets_never_share_a_model_folder(tiny3d, tmp_path):
     """Sibling preprocessed folders train into model folders of their own by default, and a model folder that
     holds another dataset's plans is refused with one line before anything is written."""
     other = preprocessed(tmp_path, 'ct', '3d_fullres', n_train=5, shape=(16, 28, 20), seed=3)
-    args = ('-c', '3d_fullres', '-f', 'all', '--epochs', 1, '--iters', 1, '--val-iters', 0, '--no-validation', '-q')
+    args = ('-c', '3d_fullres', '-f', 'all', '--epochs', 1, '--iters', 1, '--val-iters', 0,
+            '--no-validation', '-q')
     assert nnlite('train', other, *args).returncode == 0
     assert (other / 'results' / '3d_fullres' / 'fold_all' / 'checkpoint_final.pth').is_file()
     assert not (other.parent / 'results').exists()
@@ -233,11 +243,12 @@ def test_two_datasets_never_share_a_model_folder(tiny3d, tmp_path):
 
 
 def test_cyclic_run_resumed_mid_cycle_equals_an_uninterrupted_one(tiny3d, tmp_path):
-    """10 epochs with 2 cycles (poly 0-4, cycles 5-7 and 8-9): a run stopped after epoch 6, in the middle of the first
-    cycle, and resumed gives the same snapshots and final weights, bit for bit, as a run never stopped."""
+    """10 epochs with 2 cycles (poly 0-4, cycles 5-7 and 8-9): a run stopped after epoch 6, in the middle of
+    the first cycle, then resumed, gives the same snapshots and final weights, bit for bit, as a run never
+    stopped."""
     def run(out, stop_at=None):
-        t = Trainer(tiny3d, '3d_fullres', 0, output_dir=out, epochs=10, iterations=2, val_iterations=1, save_every=1,
-                    progress=False, cycles=2)
+        t = Trainer(tiny3d, '3d_fullres', 0, output_dir=out, epochs=10, iterations=2, val_iterations=1,
+                    save_every=1, progress=False, cycles=2)
         if stop_at is not None:
             plain_after_epoch = t.after_epoch
             def after_epoch(row):
@@ -253,13 +264,15 @@ def test_cyclic_run_resumed_mid_cycle_equals_an_uninterrupted_one(tiny3d, tmp_pa
     for name in ('checkpoint_snapshot_1.pth', 'checkpoint_snapshot_2.pth', 'checkpoint_final.pth'):
         a, b = load_checkpoint(tmp_path / 'whole' / name), load_checkpoint(tmp_path / 'stopped' / name)
         assert a['current_epoch'] == b['current_epoch'], name
-        for k in a['network_weights']: assert torch.equal(a['network_weights'][k], b['network_weights'][k]), (name, k)
+        for k in a['network_weights']:
+            assert torch.equal(a['network_weights'][k], b['network_weights'][k]), (name, k)
     assert load_checkpoint(tmp_path / 'whole' / 'checkpoint_snapshot_1.pth')['current_epoch'] == 8
     lrs = [r['lr'] for r in load_checkpoint(tmp_path / 'stopped' / 'checkpoint_final.pth')['log']]
     assert lrs[5] > lrs[6] > lrs[7] < lrs[8] > lrs[9]          # two cycles, each decaying to its snapshot
 
 
 def test_cli_cyclic_needs_room_for_its_cycles(tiny3d, tmp_path):
-    r = nnlite('train', tiny3d, '-c', '3d_fullres', '-f', 0, '--epochs', 4, '--cyclic', 3, '-o', tmp_path / 'm', '-q')
+    r = nnlite('train', tiny3d, '-c', '3d_fullres', '-f', 0, '--epochs', 4, '--cyclic', 3,
+               '-o', tmp_path / 'm', '-q')
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert '3 learning-rate cycles need at least 6 epochs' in r.stderr

@@ -1,6 +1,7 @@
-"""Uncertainty as a user runs it: a cyclic run keeps its snapshots, `nnlite predict --uncertainty snapshots` writes
-the ensemble's segmentations, entropy and mutual-information maps on each input's grid and the scores, and on test
-images made noisy on purpose the score rises as Dice falls (a bounded CPU run: ~2 minutes on 2 cores)."""
+"""Uncertainty as a user runs it: a cyclic run keeps its snapshots, `nnlite predict --uncertainty snapshots`
+writes the ensemble's segmentations, entropy and mutual-information maps on each input's grid and the
+scores, and on test images made noisy on purpose the score rises as Dice falls (a bounded CPU run: about
+2 minutes on 2 cores)."""
 import json
 
 import numpy as np
@@ -18,8 +19,8 @@ def test_snapshot_uncertainty_through_the_cli_ranks_noisy_cases(tmp_path):
     pre = tmp_path / 'pre'
     ok(nnlite('plan', raw, '-o', pre, '-q'))
     ok(nnlite('preprocess', raw, pre, '-c', '3d_fullres', '-np', 1, '-q'))
-    r = ok(nnlite('train', pre, '-c', '3d_fullres', '-f', 'all', '--epochs', 12, '--iters', 10, '--val-iters', 0,
-                  '--cyclic', 3, '--no-validation', '--device', 'cpu', '-q'))
+    r = ok(nnlite('train', pre, '-c', '3d_fullres', '-f', 'all', '--epochs', 12, '--iters', 10,
+                  '--val-iters', 0, '--cyclic', 3, '--no-validation', '--device', 'cpu', '-q'))
     assert '3 learning-rate cycles' in r.stdout
     model = pre / 'results' / '3d_fullres'
     assert sorted(p.name for p in (model / 'fold_all').glob('checkpoint_snapshot_*.pth')) == [
@@ -32,7 +33,8 @@ def test_snapshot_uncertainty_through_the_cli_ranks_noisy_cases(tmp_path):
     assert 'snapshots: 3 members' in r.stdout and 'most uncertain' in r.stdout
     info = json.loads((out / 'uncertainty.json').read_text())
     assert info['method'] == 'snapshots' and len(info['members']) == 3
-    assert sorted(info['cases']) == [f'test_00{i}__{k}' for i in (0, 1) for k in ('clean', 'noise_1', 'noise_3')]
+    assert sorted(info['cases']) == [f'test_00{i}__{k}' for i in (0, 1)
+                                     for k in ('clean', 'noise_1', 'noise_3')]
     for case in info['cases']:
         image, geometry = read_image([bad / 'imagesTs' / f'{case}_0000.nii.gz'])
         label, label_geometry = read_label(out / f'{case}.nii.gz')
@@ -52,7 +54,8 @@ def test_snapshot_uncertainty_through_the_cli_ranks_noisy_cases(tmp_path):
 
 
 def test_uncertainty_errors_are_one_line(tmp_path):
-    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=3, n_test=1, shape=(12, 20, 20), progress=False)
+    raw = make_synthetic_dataset(tmp_path / 'raw', 'ct', n_train=3, n_test=1, shape=(12, 20, 20),
+                                 progress=False)
     pre = tmp_path / 'pre'
     ok(nnlite('plan', raw, '-o', pre, '-q'))
     ok(nnlite('preprocess', raw, pre, '-c', '3d_fullres', '-np', 1, '-q'))
