@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .data import (SYNTH_KINDS, DatasetError, atomic_write, check_dataset, held_out_cases,
@@ -25,7 +26,7 @@ from .ensembling import (candidates_figure, candidates_table, ensemble_folders, 
                                      predict_with_instructions)
 from .evaluation import evaluate_folder, summary_table, validate_fold
 from .fingerprint import Fingerprint
-from .inference import Predictor
+from .inference import FolderPrediction, Predictor
 from .uncertainty import METHODS, UncertaintyPredictor, score_quality, uncertainty_figure, uncertainty_table
 from .plans import PRESETS, describe_plans, load_plans, plan_dataset, save_plans, write_plans
 from .course import (build_site, check_exercises, exercises_table, grade_notebook, grade_table,
@@ -38,13 +39,14 @@ from .viz import show_case, show_slice
 # %% auto #0
 __all__ = ['DEFAULT_CONFIGURATIONS', 'DEMO_DATASET', 'DEMO_SCHEDULE', 'COMMANDS', 'stage', 'add_check_command', 'cmd_check',
            'add_synth_command', 'cmd_synth', 'add_plan_command', 'cmd_plan', 'add_preprocess_command', 'cmd_preprocess',
-           'add_train_command', 'cmd_train', 'train_fold', 'print_validation', 'add_validate_command', 'cmd_validate',
-           'add_predict_command', 'cmd_predict', 'predict_uncertainty', 'predict_instructions', 'add_evaluate_command',
-           'cmd_evaluate', 'add_evaluate_uncertainty_command', 'cmd_evaluate_uncertainty', 'add_postprocess_command',
-           'cmd_postprocess', 'add_ensemble_command', 'cmd_ensemble', 'add_find_best_command', 'cmd_find_best',
-           'add_export_model_command', 'cmd_export_model', 'add_import_model_command', 'cmd_import_model',
-           'add_course_command', 'cmd_course', 'prediction_figure', 'preprocessed_figure', 'add_demo_command',
-           'cmd_demo', 'build_parser', 'main']
+           'add_plan_and_preprocess_command', 'cmd_plan_and_preprocess', 'add_train_command', 'cmd_train', 'train_fold',
+           'print_validation', 'add_validate_command', 'cmd_validate', 'add_predict_command', 'cmd_predict',
+           'describe_predictor', 'predict_uncertainty', 'predict_instructions', 'add_evaluate_command', 'cmd_evaluate',
+           'add_evaluate_uncertainty_command', 'cmd_evaluate_uncertainty', 'add_postprocess_command', 'cmd_postprocess',
+           'add_ensemble_command', 'cmd_ensemble', 'add_find_best_command', 'cmd_find_best', 'add_export_model_command',
+           'cmd_export_model', 'add_import_model_command', 'cmd_import_model', 'add_course_command', 'cmd_course',
+           'prediction_figure', 'preprocessed_figure', 'add_demo_command', 'cmd_demo', 'check_device', 'build_parser',
+           'main']
 
 # %% ../nbs/16_cli.ipynb #a416484f
 @contextmanager
@@ -180,6 +182,40 @@ def cmd_preprocess(args) -> int:
             folder = preprocess_dataset(args.dataset_dir, plans, name, out, workers=args.workers,
                                         progress=not args.quiet, overwrite=args.overwrite)
             print(f"  {len(preprocessed_cases(folder))} cases in {folder}")
+    return 0
+
+# %% ../nbs/16_cli.ipynb #460dc7cb
+def add_plan_and_preprocess_command(sub):
+    pp = sub.add_parser('plan-and-preprocess',
+                        help='check, fingerprint, plan and preprocess a dataset in one go '
+                             '(nnUNetv2_plan_and_preprocess)')
+    pp.add_argument('dataset_dir', type=Path, help='raw dataset folder (nnU-Net v2 layout)')
+    pp.add_argument('-o', '--out', type=Path, required=True,
+                    help='the preprocessed folder: plans.json, dataset.json and CONFIG/ go there')
+    pp.add_argument('-c', '--configurations', nargs='+', default=None, metavar='CONFIG',
+                    help=f"configurations to preprocess (default: those of "
+                         f"{', '.join(DEFAULT_CONFIGURATIONS)} in the plans)")
+    pp.add_argument('--gpu-memory', type=float, default=None, help="GPU memory budget in GB (default: the "
+                                                                   "preset's)")
+    pp.add_argument('--preset', choices=list(PRESETS), default='v2', help='planning rules (default v2)')
+    pp.add_argument('-npfp', '--fingerprint-workers', type=int, default=1,
+                    help='fingerprint worker processes (default 1)')
+    pp.add_argument(
+        '-np', '--workers', type=int, default=2, help='preprocessing worker processes (default 2)')
+    pp.add_argument('--overwrite', action='store_true', help='redo every preprocessed case')
+    pp.add_argument('-q', '--quiet', action='store_true')
+    pp.set_defaults(func=cmd_plan_and_preprocess)
+
+def cmd_plan_and_preprocess(args) -> int:
+    with stage('check, fingerprint and plan', 1, 2):
+        cmd_plan(argparse.Namespace(dataset_dir=args.dataset_dir, out=args.out, gpu_memory=args.gpu_memory,
+                                    preset=args.preset, fingerprint=None, dataset_json=None,
+                                    workers=args.fingerprint_workers, quiet=args.quiet))
+    with stage('preprocess', 2, 2):
+        cmd_preprocess(argparse.Namespace(
+            dataset_dir=args.dataset_dir, plans=args.out, configurations=args.configurations, out=None,
+            workers=args.workers, overwrite=args.overwrite, quiet=args.quiet))
+    print(f"next: nnlite train {args.out} -c CONFIG -f FOLD")
     return 0
 
 # %% ../nbs/16_cli.ipynb #616b0acf
@@ -327,8 +363,16 @@ def add_predict_command(sub):
         '--save-probabilities', action='store_true', help='also write CASE.npz with the probabilities')
     pr.add_argument('--device', default=None, help='cuda, cpu, mps, ... (default: cuda if there is one)')
     pr.add_argument('--no-amp', action='store_true', help='predict in float32')
-    pr.add_argument(
-        '--overwrite', action='store_true', help='predict cases whose output exists (default: skip them)')
+    pr.add_argument('--continue', dest='continue_prediction', action='store_true',
+                    help='keep the outputs an earlier run made with the same model and settings (default: '
+                         'redo every case, as nnUNetv2_predict without --continue_prediction)')
+    pr.add_argument('-npp', '--preprocess-workers', type=int, default=1,
+                    help='threads reading and preprocessing the next images (default 1)')
+    pr.add_argument('-nps', '--export-workers', type=int, default=1,
+                    help='threads resampling and writing finished predictions (default 1)')
+    pr.add_argument('--num-parts', type=int, default=1,
+                    help='split the images into this many parts, for several machines or GPUs (default 1)')
+    pr.add_argument('--part-id', type=int, default=0, help='the part this run predicts, 0 to NUM_PARTS - 1')
     pr.add_argument('--prev-stage', type=Path, default=None,
                     help="a cascade: the first stage's model folder, run first "
                          "(default: MODEL/../PREVIOUS_STAGE)")
@@ -345,27 +389,38 @@ def add_predict_command(sub):
 
 # %% ../nbs/16_cli.ipynb #a292cc64
 def cmd_predict(args) -> int:
+    if args.num_parts > 1 and (args.uncertainty or args.model.suffix == '.json'):
+        raise ValueError(f"{args.model}: --num-parts splits the predictions of a model folder only "
+                         f"(not --uncertainty or find-best's instructions)")
     if args.uncertainty: return predict_uncertainty(args)
     if args.model.suffix == '.json': return predict_instructions(args)
     predictor = Predictor(args.model, folds=args.folds, checkpoint=args.checkpoint, device=args.device,
                           step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
                           fold_merge=args.fold_merge, amp=not args.no_amp, progress=not args.quiet,
                           previous_stage=args.prev_stage, previous_predictions=args.prev_stage_predictions)
-    print(
-        f"model {args.model}: {predictor.config.name}, folds"
-        f" {', '.join(map(str, predictor.folds))}, patch {list(predictor.config.patch_size)},"
-        f" step {args.step},"
-        f" mirror axes {list(predictor.mirror_axes) or 'none'}, on {predictor.device}"
-    )
+    print(f"model {args.model}: {describe_predictor(predictor)}, step {args.step}, on {predictor.device}")
+    if predictor.previous is not None:
+        print(f"cascade: the first stage, {predictor.previous.model_dir} "
+              f"({describe_predictor(predictor.previous)}), predicts each image first")
+    elif predictor.previous_predictions is not None:
+        print(f"cascade: the first stage's predictions are read from {predictor.previous_predictions}")
     t0 = time.perf_counter()
     if Path(args.input).is_file():
         out = Path(args.output)
         if out.suffix == '' or out.is_dir(): out = out / Path(args.input).name.replace('_0000', '')
-        written = [predictor.predict_file(args.input, out, args.save_probabilities)]
+        run = FolderPrediction([predictor.predict_file(args.input, out, args.save_probabilities)])
     else:
-        written = predictor.predict_folder(args.input, args.output, args.save_probabilities, args.overwrite)
-    print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
+        run = predictor.predict_folder(
+            args.input, args.output, args.save_probabilities, args.continue_prediction, args.num_parts,
+            args.part_id, args.preprocess_workers, args.export_workers)
+    part = f" (part {args.part_id} of {args.num_parts})" if args.num_parts > 1 else ''
+    print(f"{run.summary()}{part} in {time.perf_counter() - t0:.1f} s -> {args.output}")
     return 0
+
+def describe_predictor(predictor) -> str:
+    "configuration, folds, patch and mirror axes of a Predictor, in a few words."
+    return (f"{predictor.config.name}, folds {', '.join(map(str, predictor.folds))}, patch "
+            f"{list(predictor.config.patch_size)}, mirror axes {list(predictor.mirror_axes) or 'none'}")
 
 # %% ../nbs/16_cli.ipynb #43bb13e8
 def predict_uncertainty(args) -> int:
@@ -401,7 +456,8 @@ def predict_instructions(args) -> int:
           f"post-processed)")
     t0 = time.perf_counter()
     written = predict_with_instructions(
-        args.model, args.input, args.output, args.overwrite, not args.quiet, checkpoint=args.checkpoint,
+        args.model, args.input, args.output, args.continue_prediction, not args.quiet,
+        checkpoint=args.checkpoint,
         device=args.device, step=args.step, mirroring=not args.no_mirroring, weighting=args.weighting,
         fold_merge=args.fold_merge, amp=not args.no_amp)
     print(f"{len(written)} case(s) predicted in {time.perf_counter() - t0:.1f} s -> {args.output}")
@@ -717,7 +773,7 @@ def cmd_demo(args) -> int:
     predictions = out / 'predictions'
     with stage("predict the test images (sliding window, Gaussian weighting, mirroring)", 6, total):
         predictor = Predictor(model_dir, device=args.device, amp=not args.no_amp, progress=not args.quiet)
-        written = predictor.predict_folder(raw / 'imagesTs', predictions, overwrite=True)
+        written = predictor.predict_folder(raw / 'imagesTs', predictions).written
         print(f"  {len(written)} predictions in {predictions}")
     with stage("evaluate against the test labels", 7, total):
         summary = evaluate_folder(predictions, raw / 'labelsTs', predictor.dataset_json,
@@ -742,10 +798,25 @@ def cmd_demo(args) -> int:
     return 0
 
 # %% ../nbs/16_cli.ipynb #80903aed
-COMMANDS = (add_check_command, add_synth_command, add_plan_command, add_preprocess_command, add_train_command,
+COMMANDS = (add_check_command, add_synth_command, add_plan_command, add_preprocess_command,
+            add_plan_and_preprocess_command, add_train_command,
             add_validate_command, add_predict_command, add_evaluate_command, add_evaluate_uncertainty_command,
             add_postprocess_command, add_ensemble_command, add_find_best_command, add_export_model_command,
             add_import_model_command, add_course_command, add_demo_command)
+
+def check_device(name: str) -> torch.device:
+    "The torch device `name` once it is known to exist here; a one-line error otherwise."
+    try: device = torch.device(name)
+    except RuntimeError: raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = 'a CPU-only build of torch' if torch.version.cuda is None else 'no CUDA device visible'
+            raise ValueError(f"--device {name}: no CUDA here ({build}); use --device cpu")
+        if device.index is not None and device.index >= (n := torch.cuda.device_count()):
+            raise ValueError(f"--device {name}: there are {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: no Apple GPU (MPS) here; use --device cpu")
+    return device
 
 def build_parser() -> argparse.ArgumentParser:
     "The `nnlite` parser: each command's arguments are added by its `add_..._command` above."
@@ -759,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `nnlite` command."
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, 'device', None): check_device(args.device)
         return args.func(args)
     except (DatasetError, ValueError, FileNotFoundError, FileExistsError) as e:
         lines = str(e).splitlines() or [type(e).__name__]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ __all__ = ['CONFIGURATION_ORDER', 'read_probabilities', 'average_probabilities',
            'validation_folders', 'crossval_results', 'crossval_probabilities', 'ensemble_name', 'ensemble_crossval',
            'is_model_folder', 'model_configuration', 'configuration_rank', 'model_folders', 'find_best_configuration',
            'inference_commands', 'candidates_table', 'candidates_figure', 'load_instructions',
-           'predict_with_instructions', 'model_files', 'export_model', 'import_model']
+           'predict_with_instructions', 'model_files', 'export_model', 'zipped_model_folders', 'import_model']
 
 # %% ../nbs/12_ensembling.ipynb #f38b742d
 def read_probabilities(path) -> np.ndarray:
@@ -317,11 +318,12 @@ def load_instructions(path) -> dict:
         if not (m / 'plans.json').is_file(): raise FileNotFoundError(f"{m}: model folder of {path} not found")
     return info
 
-def predict_with_instructions(instructions_file, in_dir, out_dir, overwrite: bool = False,
+def predict_with_instructions(instructions_file, in_dir, out_dir, continue_prediction: bool = False,
                               progress: bool = True, workers: int = 2, **predictor_kwargs) -> list[Path]:
     """Predict every case of `in_dir` as `inference_instructions.json` says: its model (or both of its
-    ensemble) with its folds, the ensemble, the post-processing; the results in `out_dir`. `predictor_kwargs`
-    go to each `Predictor` (device, step, mirroring, amp, ...)."""
+    ensemble) with its folds, the ensemble, the post-processing; the results in `out_dir` (members' outputs of
+    an earlier run kept with `continue_prediction`, as `predict_folder`). `predictor_kwargs` go to each
+    `Predictor` (device, step, mirroring, amp, ...)."""
     info, out_dir = load_instructions(instructions_file), Path(out_dir)
     best = info['best_model_or_ensemble']
     models, ensemble = best['models'], len(best['models']) > 1
@@ -330,7 +332,8 @@ def predict_with_instructions(instructions_file, in_dir, out_dir, overwrite: boo
     for model in models:
         predictor = Predictor(model, folds=info['folds'], progress=progress, **predictor_kwargs)
         members.append(out_dir / 'members' / model.name if ensemble else raw)
-        predictor.predict_folder(in_dir, members[-1], save_probabilities=ensemble, overwrite=overwrite)
+        predictor.predict_folder(in_dir, members[-1], save_probabilities=ensemble,
+                                 continue_prediction=continue_prediction)
     if ensemble: ensemble_folders(members, raw, workers=workers, progress=progress)
     return postprocess_folder(raw, out_dir, best['postprocessing_file'], workers=workers, progress=progress)
 
@@ -368,6 +371,16 @@ def export_model(model_dirs, zip_file, checkpoints=('checkpoint_final.pth',)) ->
     return atomic_write(zip_file, write)
 
 # %% ../nbs/12_ensembling.ipynb #68f4d3cc
+def zipped_model_folders(names) -> list[str]:
+    "The folders among a zip's member names that hold a model: plans.json, dataset.json, a fold's checkpoint."
+    names = set(names)
+    folders = {n.rsplit('/', 1)[0] if '/' in n else '' for n in names if n.rsplit('/', 1)[-1] == 'plans.json'}
+    def complete(folder: str) -> bool:
+        prefix = f'{folder}/' if folder else ''
+        return f'{prefix}dataset.json' in names and any(
+            re.fullmatch(re.escape(prefix) + r'fold_[^/]+/checkpoint[^/]*\.pth', n) for n in names)
+    return sorted(f for f in folders if complete(f))
+
 def _zip_root(f: Path, model_dirs) -> Path:
     "The folder a file's path in the zip is relative to: the one above the folder holding its model folder."
     for m in model_dirs:
@@ -375,7 +388,8 @@ def _zip_root(f: Path, model_dirs) -> Path:
     raise ValueError(f"{f}: not inside the exported model folders")
 
 def import_model(zip_file, results_dir, overwrite: bool = False) -> list[Path]:
-    """Unpack a model zip (ours or nnU-Net v2's) into `results_dir`; the model folders it held. Refuses
+    """Unpack a model zip (ours or nnU-Net v2's) into `results_dir`; the model folders it held. Refuses,
+    before writing anything, a zip without a model folder (plans.json, dataset.json, fold_*/checkpoint*.pth),
     members with absolute paths or `..`, and files that exist unless `overwrite`."""
     zip_file, results_dir = Path(zip_file), Path(results_dir)
     try: z = zipfile.ZipFile(zip_file)
@@ -386,6 +400,10 @@ def import_model(zip_file, results_dir, overwrite: bool = False) -> list[Path]:
         for n in names:
             if n.startswith('/') or '..' in Path(n).parts or ':' in n:
                 raise ValueError(f"{zip_file}: refused, member {n!r} would be written outside {results_dir}")
+        if not zipped_model_folders(names):
+            raise ValueError(f"{zip_file}: holds no model folder (plans.json, dataset.json and "
+                             f"fold_*/checkpoint*.pth); nothing extracted")
+        for n in names:
             if (results_dir / n).exists() and not overwrite:
                 raise FileExistsError(f"{results_dir / n}: exists; import into another folder or overwrite")
         z.extractall(results_dir, names)

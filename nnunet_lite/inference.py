@@ -5,9 +5,13 @@
 # %% ../nbs/09_inference.ipynb #046f1c58
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +27,18 @@ from .data import (NOMINAL_2D_SPACING, DatasetError, Geometry, atomic_write, fil
                               write_label)
 from .dataloading import load_previous_stage
 from .network import build_network, load_reference_weights, n_outputs
-from .plans import Configuration
+from .plans import Configuration, inherited_plan, load_plans
 from .preprocessing import (load_preprocessed_case, logits_to_probabilities, new_shape_for,
                                        next_stage_segmentation, preprocess_arrays, read_case, revert,
                                        target_spacing_for)
 from .training import amp_dtype, autocast, default_device, load_checkpoint, next_stage_folder
 
 # %% auto #0
-__all__ = ['WEIGHTINGS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices', 'mirror_combinations',
-           'predict_tile', 'sliding_window_predict', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
+__all__ = ['WEIGHTINGS', 'PREDICTION_PLAN_KEYS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices',
+           'mirror_combinations', 'predict_tile', 'sliding_window_predict', 'folder_configuration',
+           'checkpoint_configuration', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
            'write_prediction', 'image_size', 'prediction_memory', 'available_memory', 'check_memory', 'Predictor',
+           'weights_digest', 'record_file', 'settings_difference', 'existing_outputs', 'FolderPrediction',
            'fold_predictor', 'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
@@ -149,6 +155,37 @@ def sliding_window_predict(network, data, patch_size, step: float = 0.5, mirror_
     logits = logits.float() if weighting == 'max' else logits.float() / weights.float()
     return logits[(slice(None), *undo[1:])]
 
+# %% ../nbs/09_inference.ipynb #7ddf7cbd
+PREDICTION_PLAN_KEYS = ('spacing', 'patch_size', 'normalization_schemes', 'architecture')
+
+def folder_configuration(model_dir, plans: dict) -> str | None:
+    "The configuration a model folder's name names (ours: `3d_fullres`; nnU-Net v2's: `T__P__3d_fullres`)."
+    name = Path(model_dir).name.split('__')[-1]
+    return name if name in plans['configurations'] else None
+
+def checkpoint_configuration(checkpoint: dict, path, model_dir, plans: dict) -> str:
+    """The configuration a checkpoint was trained as, once checked against its model folder: one the plans
+    have, the one the folder's name says, with the same plan entries that prediction depends on."""
+    args = checkpoint.get('init_args') if isinstance(checkpoint, dict) else None
+    name = args.get('configuration') if isinstance(args, dict) else None
+    if name is None: raise ValueError(f"{path}: no init_args.configuration: not an nnU-Net checkpoint")
+    plans_file = Path(model_dir) / 'plans.json'
+    if name not in plans['configurations']:
+        raise ValueError(f"{path}: a checkpoint of {name}, a configuration {plans_file} does not have")
+    if (folder := folder_configuration(model_dir, plans)) not in (None, name):
+        raise ValueError(
+            f"{path}: a checkpoint of {name} in the model folder of {folder}; move it to {name}'s")
+    theirs = args.get('plans')
+    if isinstance(theirs, dict) and name in theirs.get('configurations', {}):
+        as_json = lambda p: json.loads(
+            json.dumps({**inherited_plan(p, name), 'transpose': p.get('transpose_forward')}))
+        ours, trained = as_json(plans), as_json(theirs)
+        for key in (*PREDICTION_PLAN_KEYS, 'transpose'):
+            if ours.get(key) != trained.get(key):
+                raise ValueError(f"{path}: trained with another {key} ({trained.get(key)}) than {plans_file} "
+                                 f"says ({ours.get(key)}); predict with the plans it was trained with")
+    return name
+
 # %% ../nbs/09_inference.ipynb #23f5772a
 def model_folds(model_dir, checkpoint: str = 'checkpoint_final.pth') -> list:
     "The folds of a model folder that have `checkpoint` (0..4 as ints, 'all' as a string)."
@@ -160,15 +197,17 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
     """The networks of a model folder's folds (eval mode, on `device`) with the plans, dataset.json,
     configuration (`config`, resolved) and mirror axes they were trained with."""
     model_dir = Path(model_dir)
-    hint = 'a model folder holds plans.json, dataset.json and fold_*/'
-    plans, dataset_json = (read_json(model_dir / name, hint=hint) for name in ('plans.json', 'dataset.json'))
+    if not model_dir.is_dir(): raise FileNotFoundError(f"{model_dir}: no such model folder")
+    plans = load_plans(model_dir / 'plans.json')
+    dataset_json = read_json(model_dir / 'dataset.json', hint='a model folder holds it beside plans.json')
     folds = model_folds(model_dir, checkpoint) if folds is None else list(folds)
     if not folds:
         raise FileNotFoundError(f"{model_dir}: no fold_*/{checkpoint} (train a fold first: nnlite train)")
     networks, config, mirror_axes = [], None, None
     for fold in folds:
-        ckpt = load_checkpoint(model_dir / f'fold_{fold}' / checkpoint)
-        name = ckpt['init_args']['configuration']
+        path = model_dir / f'fold_{fold}' / checkpoint
+        ckpt = load_checkpoint(path)
+        name = checkpoint_configuration(ckpt, path, model_dir, plans)
         if config is not None and config.name != name:
             raise ValueError(f"{model_dir}: folds of different configurations ({config.name}, {name})")
         config = config or Configuration.from_plans(plans, name, dataset_json)
@@ -390,39 +429,137 @@ def predict_file(self: Predictor, image_files, out_file, save_probabilities: boo
     result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
     return self.write(result, geometry, out_file, save_probabilities)
 
-# %% ../nbs/09_inference.ipynb #044cb75c
+# %% ../nbs/09_inference.ipynb #ad0667a7
+def weights_digest(networks) -> str:
+    "A SHA-256 of the networks' weights (names, shapes and values): the same digest, the same model."
+    digest = hashlib.sha256()
+    for net in networks:
+        for name, tensor in net.state_dict().items():
+            digest.update(f'{name}{tuple(tensor.shape)}{tensor.dtype}'.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 @patch
-def predict_folder(self: Predictor, in_dir, out_dir, save_probabilities: bool = False,
-                   overwrite: bool = False) -> list[Path]:
-    """Predict every case of `in_dir` (CASE_0000.nii.gz, ...)
-    into `out_dir/CASE.nii.gz`, a case ahead in a thread."""
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
+def prediction_settings(self: Predictor) -> dict:
+    "What this Predictor's outputs depend on: weights, configuration, inference settings, the first stage."
+    settings = {'weights_sha256': weights_digest(self.networks), 'configuration': self.config.name,
+                'folds': None if self.folds is None else [str(f) for f in self.folds], 'step': self.step,
+                'mirror_axes': list(self.mirror_axes), 'weighting': self.weighting, 'fold_merge': self.fold_merge,
+                'precision': str(self.amp_dtype or 'float32').removeprefix('torch.')}
+    if self.previous is not None: settings['first_stage'] = self.previous.prediction_settings()
+    if self.previous_predictions is not None:
+        settings['first_stage_predictions'] = str(self.previous_predictions.resolve())
+    return settings
+
+# %% ../nbs/09_inference.ipynb #183aa846
+def record_file(out_dir, case: str) -> Path:
+    "Where the record of how a case's output was made goes."
+    return Path(out_dir) / '.prediction_records' / f'{case}.json'
+
+def settings_difference(before: dict, now: dict) -> str | None:
+    "The first setting that differs, in words (None when they agree)."
+    for key in dict.fromkeys([*now, *before]):
+        if before.get(key) != now.get(key):
+            if key == 'weights_sha256': return 'made by other weights'
+            if isinstance(now.get(key), dict) or isinstance(before.get(key), dict): return f'another {key}'
+            return f'made with {key} {before.get(key)}, now {now.get(key)}'
+    return None
+
+def existing_outputs(out_dir, cases: list, ending: str, settings: dict, save_probabilities: bool,
+                     continue_prediction: bool) -> tuple[list[str], dict[str, str]]:
+    """(cases whose outputs are kept, {case: why its existing output is redone}) for a prediction into
+    `out_dir`: with `continue_prediction` an output is kept when its record matches `settings` (and, with
+    `save_probabilities`, its CASE.npz is there); without, every existing output is redone."""
+    kept, redone = [], {}
+    for case in cases:
+        label = Path(out_dir) / f'{case}{ending}'
+        if not label.exists(): continue
+        if not continue_prediction: redone[case] = 'overwritten'; continue
+        record = record_file(out_dir, case)
+        why = 'no record of how it was made' if not record.is_file() else settings_difference(
+            read_json(record), settings)
+        if why is None and save_probabilities and not probabilities_file(label).exists():
+            why = 'no CASE.npz'
+        if why is None: kept.append(case)
+        else: redone[case] = why
+    return kept, redone
+
+# %% ../nbs/09_inference.ipynb #fdb83cfe
+@dataclass
+class FolderPrediction:
+    "What `predict_folder` did: outputs written now, those of an earlier run kept, why others were redone."
+    written: list[Path]
+    kept: list[Path] = field(default_factory=list)
+    redone: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        "One line: how many were predicted, kept and redone, and why."
+        text = f"{len(self.written)} case(s) predicted"
+        if self.kept: text += f", {len(self.kept)} kept (same model and settings)"
+        if self.redone:
+            reasons = {}
+            for why in self.redone.values(): reasons[why] = reasons.get(why, 0) + 1
+            text += ', existing outputs redone: ' + '; '.join(f'{n} {why}' for why, n in reasons.items())
+        return text
+
+@patch
+def folder_cases(self: Predictor, in_dir: Path, out_dir: Path, num_parts: int = 1,
+                 part_id: int = 0) -> dict[str, dict[int, Path]]:
+    "The cases of `in_dir` this part predicts ({case: {channel: file}}), each with the model's channels."
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: is a file; the predictions of a folder go to a folder")
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id {part_id} is not one of the {num_parts} parts (0 to {num_parts - 1})")
     ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
     cases, strays = list_image_files(in_dir, ending)
     if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
     for case, files in cases.items():
         if sorted(files) != list(range(n_channels)):
-            raise DatasetError(
-                f"{in_dir / (case + '_0000' + ending)}: case {case} has channels {sorted(files)}, "
-                f"the model expects {list(range(n_channels))}"
-            )
+            raise DatasetError(f"{in_dir / (case + '_0000' + ending)}: case {case} has channels "
+                               f"{sorted(files)}, the model expects {list(range(n_channels))}")
+    return {case: cases[case] for case in sorted(cases)[part_id::num_parts]}
+
+# %% ../nbs/09_inference.ipynb #044cb75c
+@patch
+def predict_folder(self: Predictor, in_dir, out_dir, save_probabilities: bool = False,
+                   continue_prediction: bool = False, num_parts: int = 1, part_id: int = 0,
+                   preprocess_workers: int = 1, export_workers: int = 1) -> FolderPrediction:
+    """Predict the cases of `in_dir` (CASE_0000.nii.gz, ...; of `num_parts`, the part `part_id`)
+    into `out_dir/CASE.nii.gz`: `preprocess_workers` threads read and preprocess the next cases while one is
+    predicted, `export_workers` threads resample and write the finished ones. Existing outputs are redone, or
+    with `continue_prediction` kept when an earlier run made them with the same model and settings."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    cases = self.folder_cases(in_dir, out_dir, num_parts, part_id)
+    ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
+    settings = self.prediction_settings()
+    kept, redone = existing_outputs(out_dir, list(cases), ending, settings, save_probabilities,
+                                    continue_prediction)
     out_dir.mkdir(parents=True, exist_ok=True)
     if self.plans is not None: write_json(out_dir / 'plans.json', self.plans)
     write_json(out_dir / 'dataset.json', self.dataset_json)
-    todo = [c for c in cases if overwrite or not (out_dir / f'{c}{ending}').exists()]
+    write_json(out_dir / 'prediction_settings.json', settings)
+    todo = [c for c in cases if c not in kept]
     prepare = lambda case: self.read_and_preprocess([cases[case][c] for c in range(n_channels)])
-    written = []
-    # reads and preprocesses the next case while this one is predicted
-    with ThreadPoolExecutor(1) as reader:
-        upcoming = reader.submit(prepare, todo[0]) if todo else None
+
+    def finish(case, logits, properties, geometry) -> Path:
+        result = self.export(logits, properties, save_probabilities)
+        written = self.write(result, geometry, out_dir / f'{case}{ending}', save_probabilities)
+        write_json(record_file(out_dir, case), settings)   # last: a record means a whole case
+        return written
+
+    written, reading, exporting = [], deque(), deque()
+    with ThreadPoolExecutor(max(1, preprocess_workers)) as readers, \
+         ThreadPoolExecutor(max(1, export_workers)) as exporters:
+        reading.extend(readers.submit(prepare, c) for c in todo[:max(1, preprocess_workers)])
         for i, case in enumerate(tqdm(todo, desc='predicting', disable=not self.progress)):
-            data, properties, geometry = upcoming.result()
-            if i + 1 < len(todo): upcoming = reader.submit(prepare, todo[i + 1])
-            result = self.export(self.predict_preprocessed(data), properties, save_probabilities)
-            written.append(self.write(result, geometry, out_dir / f'{case}{ending}', save_probabilities))
-    return written
+            data, properties, geometry = reading.popleft().result()
+            if (ahead := i + len(reading) + 1) < len(todo):
+                reading.append(readers.submit(prepare, todo[ahead]))
+            logits = self.predict_preprocessed(data)
+            while len(exporting) >= max(1, export_workers): written.append(exporting.popleft().result())
+            exporting.append(exporters.submit(finish, case, logits, properties, geometry))
+        written += [f.result() for f in exporting]
+    return FolderPrediction(written, [out_dir / f'{c}{ending}' for c in kept], redone)
 
 # %% ../nbs/09_inference.ipynb #957b78f2
 def fold_predictor(trainer, step: float = 0.5) -> Predictor:

@@ -16,15 +16,16 @@ from .data import (DatasetError, check_dataset, foreground_labels, read_dataset_
 from .fingerprint import Fingerprint, extract_fingerprint
 
 # %% auto #0
-__all__ = ['ANISOTROPY_THRESHOLD', 'PRESETS', 'NORMALIZATION_BY_NAME', 'NETWORK_MODULE', 'RESAMPLING_KEYS', 'PlannerSettings',
-           'fullres_target_spacing', 'transpose_axes', 'normalization_schemes', 'resampling_settings',
-           'shape_at_spacing', 'median_shape_at_spacing', 'pad_to_divisible', 'pool_and_conv_props',
-           'initial_patch_size', 'features_per_stage', 'stage_sizes', 'decoder_feature_map_size',
+__all__ = ['ANISOTROPY_THRESHOLD', 'PRESETS', 'NORMALIZATION_BY_NAME', 'NETWORK_MODULE', 'RESAMPLING_KEYS', 'PLANS_KEYS',
+           'PLAN_KEYS', 'PlannerSettings', 'fullres_target_spacing', 'transpose_axes', 'normalization_schemes',
+           'resampling_settings', 'shape_at_spacing', 'median_shape_at_spacing', 'pad_to_divisible',
+           'pool_and_conv_props', 'initial_patch_size', 'features_per_stage', 'stage_sizes', 'decoder_feature_map_size',
            'conv_feature_map_size', 'residual_feature_map_size', 'feature_map_estimate', 'vram_budget',
            'reference_batch', 'fit_patch_to_memory', 'batch_size_for', 'architecture', 'data_identifier',
-           'plan_configuration', 'plan_lowres', 'image_reader_writer', 'plan_experiment', 'save_plans', 'load_plans',
-           'write_plans', 'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'resampling_kwargs',
-           'inherited_plan', 'preprocessed_folder_name', 'mirrored_axes', 'Configuration', 'plot_plan', 'plan_explorer']
+           'plan_configuration', 'plan_lowres', 'image_reader_writer', 'plan_experiment', 'save_plans', 'write_plans',
+           'plan_dataset', 'fingerprint_from_stats', 'describe_plans', 'resampling_kwargs', 'inherited_plan',
+           'preprocessed_folder_name', 'mirrored_axes', 'Configuration', 'plans_problem', 'load_plans', 'plot_plan',
+           'plan_explorer']
 
 # %% ../nbs/03_plans.ipynb #95d5c5b2
 # above it an axis is anisotropic: in the target spacing, in resampling (separate z) and in augmentation
@@ -408,12 +409,6 @@ def save_plans(plans: dict, path) -> Path:
     "Write a plans dict as JSON, atomically."
     return write_json(path, plans)
 
-def load_plans(path) -> dict:
-    plans = read_json(path, 'plans file')
-    if not isinstance(plans, dict) or 'configurations' not in plans:
-        raise ValueError(f"{path}: not a plans file (no 'configurations')")
-    return plans
-
 # %% ../nbs/03_plans.ipynb #d1c73b32
 def write_plans(fp: Fingerprint, dataset_json: dict, out_dir, gpu_memory_gb: float | None = None,
                 preset: str = 'v2', dataset_name: str = 'Dataset') -> dict:
@@ -561,6 +556,31 @@ class Configuration:
     def strides(self) -> list[list[int]]:
         "The network's pooling strides per stage (the first is 1)."
         return self.architecture['arch_kwargs']['strides']
+
+# %% ../nbs/03_plans.ipynb #43e7fa86
+PLANS_KEYS = ('configurations', 'transpose_forward', 'transpose_backward',
+              'foreground_intensity_properties_per_channel')
+PLAN_KEYS = ('data_identifier', 'spacing', 'patch_size', 'batch_size', 'normalization_schemes',
+             'use_mask_for_norm', 'architecture')
+
+def plans_problem(plans) -> str | None:
+    "What a plans dict lacks of what preprocessing, training and prediction read (None when nothing)."
+    if not isinstance(plans, dict): return 'not a plans file (not a JSON object)'
+    if missing := [k for k in PLANS_KEYS if k not in plans]: return f"no {missing[0]!r} entry"
+    for name in plans['configurations']:
+        try: plan = inherited_plan(plans, name)
+        except (ValueError, KeyError, TypeError) as e: return f"configuration {name!r}: {e}"
+        if missing := [k for k in PLAN_KEYS if k not in plan]:
+            return f"configuration {name!r} has no {missing[0]!r}"
+        if not {'network_class_name', 'arch_kwargs'} <= set(plan['architecture']):
+            return f"configuration {name!r}: its 'architecture' has no network_class_name or arch_kwargs"
+    return None
+
+def load_plans(path) -> dict:
+    "A plans.json, once checked to hold what the later stages read (else a one-line error naming it)."
+    plans = read_json(path, 'plans file')
+    if (problem := plans_problem(plans)) is not None: raise ValueError(f"{path}: {problem}")
+    return plans
 
 # %% ../nbs/03_plans.ipynb #ce406901
 def plot_plan(plans: dict, size: float = 3.6):

@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import (DatasetError, list_image_files, read_image, read_label, write_file, write_image,
+from .data import (list_image_files, read_image, read_label, write_file, write_image,
                               write_json, write_label)
 from .evaluation import load_summary
 from .inference import Predictor, load_model, mirror_combinations, model_folds
@@ -247,17 +247,13 @@ def predict_folder_with_uncertainty(self: UncertaintyPredictor, in_dir, out_dir)
     "Every case of `in_dir`: labels, maps and `uncertainty.json` ({case: scores}) in `out_dir`."
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     ending, n_channels = self.dataset_json['file_ending'], len(self.dataset_json['channel_names'])
-    cases, _ = list_image_files(in_dir, ending)
-    if not cases: raise FileNotFoundError(f"{in_dir}: no images named CASE_0000{ending}")
+    cases = self.folder_cases(in_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / 'plans.json', self.plans)
     write_json(out_dir / 'dataset.json', self.dataset_json)
     scores, start = {}, time.perf_counter()
     what = f'predicting ({self.method}, {len(self.members["networks"])} members)'
-    for case in tqdm(sorted(cases), desc=what, disable=not self.progress):
-        if sorted(cases[case]) != list(range(n_channels)):
-            raise DatasetError(f"{in_dir / (case + '_0000' + ending)}: case {case} has channels "
-                               f"{sorted(cases[case])}, the model expects {list(range(n_channels))}")
+    for case in tqdm(cases, desc=what, disable=not self.progress):
         files = [cases[case][c] for c in range(n_channels)]
         scores[case] = self.predict_case(files, out_dir / f'{case}{ending}')
     write_json(out_dir / 'uncertainty.json', {

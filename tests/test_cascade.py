@@ -39,6 +39,8 @@ def test_cascade_end_to_end_through_the_cli(tmp_path):
     r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'predicted', '-m', model,
                '--no-mirroring', '-q')
     assert r.returncode == 0, r.stderr
+    first_stage = f"cascade: the first stage, {pre / 'results' / '3d_lowres'} (3d_lowres, folds 0, 1, 2, 3, 4"
+    assert first_stage in r.stdout, r.stdout
     predicted, geometry = read_label(tmp_path / 'predicted' / 'test_000.nii.gz')
     truth, truth_geometry = read_label(raw / 'labelsTs' / 'test_000.nii.gz')
     assert predicted.shape == truth.shape and geometry == truth_geometry

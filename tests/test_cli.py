@@ -107,6 +107,20 @@ def test_plan_from_dataset_and_from_fingerprint(datasets, tmp_path):
     assert "paper2018" in json.loads((tmp_path / "p3" / "plans.json").read_text())["experiment_planner_used"]
 
 
+def test_plan_and_preprocess_in_one_command(datasets, tmp_path):
+    "As nnUNetv2_plan_and_preprocess: the plans, then each configuration's cases, ready to train."
+    r = nnlite("plan-and-preprocess", datasets["ct"], "-o", tmp_path / "pre", "-c", "2d", "3d_fullres", "-q")
+    assert r.returncode == 0, r.stderr
+    cases = sorted(p.name for p in (datasets["ct"] / "labelsTr").glob("*.nii.gz"))
+    for configuration in ("2d", "3d_fullres"):
+        written = sorted(p.name for p in (tmp_path / "pre" / configuration).glob("case_*.json"))
+        assert written == [c.replace(".nii.gz", ".json") for c in cases], written
+    written = {p.name for p in (tmp_path / "pre").iterdir()}
+    assert {"plans.json", "dataset.json", "dataset_fingerprint.json"} <= written
+    r = nnlite("plan-and-preprocess", datasets["ct"], "-o", tmp_path / "pre2", "-c", "3d_midres", "-q")
+    assert r.returncode == 1 and "no configuration '3d_midres'" in r.stderr
+
+
 def test_plan_refuses_a_broken_dataset_with_its_messages(dataset_copy, tmp_path):
     ds = dataset_copy("ct")
     (ds / "labelsTr" / "case_000.nii.gz").unlink()

@@ -65,6 +65,12 @@ def test_find_best_end_to_end_through_the_cli(tmp_path):
     ok(nnlite('import-model', tmp_path / 'model.zip', '-o', tmp_path / 'installed'))
     r = nnlite('import-model', tmp_path / 'model.zip', '-o', tmp_path / 'installed')
     assert r.returncode == 1 and 'exists' in r.stderr
+    with zipfile.ZipFile(tmp_path / 'no_model.zip', 'w') as z:       # a checkpoint without its plans
+        z.write(results / '2d' / 'fold_0' / 'checkpoint_final.pth', 'results/2d/fold_0/checkpoint_final.pth')
+    r = nnlite('import-model', tmp_path / 'no_model.zip', '-o', tmp_path / 'nothing')
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"nnlite: error: {tmp_path / 'no_model.zip'}: holds no model folder (plans.json, dataset.json and "
+        f"fold_*/checkpoint*.pth); nothing extracted") and not (tmp_path / 'nothing').exists()
     ok(nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'again', '-m',
               tmp_path / 'installed' / 'results' / 'inference_instructions.json', '--device', 'cpu', '-q'))
     for case in ('test_000', 'test_001'):

@@ -37,7 +37,7 @@ def briefly_trained(root: Path, kind: str, configuration: str, **synth) -> tuple
 def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
     raw, model = briefly_trained(tmp_path, kind, configuration, **synth)
     predictor = Predictor(model, progress=False)
-    written = predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out', save_probabilities=True)
+    written = predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out', save_probabilities=True).written
     assert len(written) == 2
     for case, files in held_out_cases(raw).items():
         image, geometry = read_image(files)
@@ -52,14 +52,26 @@ def test_prediction_is_on_the_input_grid(tmp_path, kind, configuration, synth):
     assert (tmp_path / 'out' / 'plans.json').exists()
 
 
-def test_folder_resumes_and_refuses_bad_input(tmp_path):
+def test_folder_redoes_or_continues_and_refuses_bad_input(tmp_path):
+    """As nnUNetv2_predict: existing outputs are redone; with continue_prediction kept, but only those the
+    same weights and settings made (a record per case says what made it)."""
     raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
     predictor = Predictor(model, progress=False)
     out = tmp_path / 'out'
-    first = predictor.predict_folder(raw / 'imagesTs', out)
+    first = predictor.predict_folder(raw / 'imagesTs', out).written
     stamp = first[0].stat().st_mtime_ns
-    assert predictor.predict_folder(raw / 'imagesTs', out) == []          # everything there: nothing to do
-    assert first[0].stat().st_mtime_ns == stamp
+    again = predictor.predict_folder(raw / 'imagesTs', out, continue_prediction=True)
+    assert again.written == [] and again.kept == first and first[0].stat().st_mtime_ns == stamp
+    assert again.summary() == '0 case(s) predicted, 2 kept (same model and settings)'
+    redone = predictor.predict_folder(raw / 'imagesTs', out)                 # the default: redo
+    assert len(redone.written) == 2 and redone.summary().endswith('existing outputs redone: 2 overwritten')
+    (out / '.prediction_records' / 'test_001.json').unlink()               # made by someone else
+    with torch.no_grad(): next(predictor.networks[0].parameters()).add_(0.01)   # the model changed
+    run = predictor.predict_folder(raw / 'imagesTs', out, continue_prediction=True)
+    assert run.redone == {'test_000': 'made by other weights', 'test_001': 'no record of how it was made'}
+    probabilities = predictor.predict_folder(raw / 'imagesTs', out, save_probabilities=True,
+                                             continue_prediction=True)
+    assert set(probabilities.redone.values()) == {'no CASE.npz'}
     image, geometry = read_image(raw / 'imagesTs' / 'test_000_0000.nii.gz')
     # two channels, where the model wants one
     write_image(np.concatenate([image, image]), geometry, tmp_path / 'two', 'case_000')
@@ -67,6 +79,48 @@ def test_folder_resumes_and_refuses_bad_input(tmp_path):
         predictor.predict_folder(tmp_path / 'two', tmp_path / 'out2')
     with pytest.raises(FileNotFoundError, match='no images'):
         predictor.predict_folder(tmp_path / 'nowhere', tmp_path / 'out3')
+
+
+def test_cli_predict_parts_workers_and_continue(tmp_path):
+    raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
+    common = ('-m', model, '--device', 'cpu', '-q', '-npp', 2, '-nps', 2)
+    for part in (0, 1):
+        r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'parts', *common, '--num-parts', 2,
+                   '--part-id', part)
+        assert r.returncode == 0, r.stderr
+        assert f'1 case(s) predicted (part {part} of 2)' in r.stdout, r.stdout
+    whole = tmp_path / 'whole'
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', whole, *common)
+    assert r.returncode == 0, r.stderr
+    for name in ('test_000.nii.gz', 'test_001.nii.gz'):
+        assert np.array_equal(read_label(whole / name)[0], read_label(tmp_path / 'parts' / name)[0])
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', whole, *common, '--continue')
+    assert '0 case(s) predicted, 2 kept (same model and settings)' in r.stdout, r.stdout
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', whole, *common, '--continue', '--step', 0.25)
+    assert 'existing outputs redone: 2 made with step 0.5, now 0.25' in r.stdout, r.stdout
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', whole, *common, '--num-parts', 2, '--part-id', 2)
+    assert r.stderr.strip() == 'nnlite: error: part_id 2 is not one of the 2 parts (0 to 1)'
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', whole, '-m', model, '--device', 'cuda:3', '-q')
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and '--device cuda:3' in r.stderr
+
+
+def test_a_checkpoint_is_checked_against_its_model_folder(tmp_path):
+    "A fold of another configuration or trained with other plans is refused in one line naming it."
+    import shutil
+    from nnunet_lite.training import load_checkpoint, save_checkpoint
+    raw, model = briefly_trained(tmp_path, 'ct', '3d_fullres', shape=(12, 20, 20))
+    path = model / 'fold_all' / 'checkpoint_final.pth'
+    checkpoint = load_checkpoint(path)
+    elsewhere = tmp_path / 'results' / '2d'
+    shutil.copytree(model, elsewhere)
+    with pytest.raises(ValueError, match='a checkpoint of 3d_fullres in the model folder of 2d'):
+        Predictor(elsewhere, progress=False)
+    plans = json.loads(json.dumps(checkpoint['init_args']['plans']))
+    plans['configurations']['3d_fullres']['spacing'] = [9.0, 9.0, 9.0]
+    save_checkpoint(path, {**checkpoint, 'init_args': {**checkpoint['init_args'], 'plans': plans}})
+    r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'p', '-m', model, '-q')
+    assert r.returncode == 1 and r.stderr.startswith(f'nnlite: error: {path}: trained with another spacing')
+    assert not (tmp_path / 'p').exists()
 
 
 def test_export_runs_on_the_prediction_device(tmp_path, monkeypatch):
@@ -81,7 +135,7 @@ def test_export_runs_on_the_prediction_device(tmp_path, monkeypatch):
         return revert(logits, *args, **kwargs)
     monkeypatch.setattr(inference, 'revert', spy)
     predictor = Predictor(model, device='cpu', progress=False)
-    assert len(predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out')) == 2
+    assert len(predictor.predict_folder(raw / 'imagesTs', tmp_path / 'out').written) == 2
     assert seen == [(torch.Tensor, predictor.device)] * 2
 
 
@@ -105,7 +159,7 @@ def test_fold_ensemble_and_cli(tmp_path):
     written = sorted(p.name for p in (tmp_path / 'cli').glob('*.nii.gz'))
     assert written == ['test_000.nii.gz', 'test_001.nii.gz']
     r = nnlite('predict', '-i', raw / 'imagesTs', '-o', tmp_path / 'x', '-m', tmp_path / 'no_model', '-q')
-    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'no such model folder' in r.stderr
 
 
 def test_region_models_paint_labels_in_order():
