@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import (SYNTH_KINDS, DatasetError, atomic_write, check_dataset, held_out_cases,
-                              make_synthetic_dataset, read_dataset_json, read_image, read_label, write_json)
+from .data import (SYNTH_KINDS, DatasetError, atomic_write, check_dataset, convert_msd_dataset,
+                              held_out_cases, make_synthetic_dataset, read_dataset_json, read_image,
+                              read_label, write_json)
 from .ensembling import (candidates_figure, candidates_table, ensemble_folders, export_model,
                                      find_best_configuration, import_model, load_instructions, model_folders,
                                      predict_with_instructions)
@@ -38,15 +39,16 @@ from .viz import show_case, show_slice
 
 # %% auto #0
 __all__ = ['DEFAULT_CONFIGURATIONS', 'DEMO_DATASET', 'DEMO_SCHEDULE', 'COMMANDS', 'stage', 'add_check_command', 'cmd_check',
-           'add_synth_command', 'cmd_synth', 'add_plan_command', 'cmd_plan', 'add_preprocess_command', 'cmd_preprocess',
-           'add_plan_and_preprocess_command', 'cmd_plan_and_preprocess', 'add_train_command', 'cmd_train', 'train_fold',
-           'print_validation', 'add_validate_command', 'cmd_validate', 'add_predict_command', 'cmd_predict',
-           'describe_predictor', 'predict_uncertainty', 'predict_instructions', 'add_evaluate_command', 'cmd_evaluate',
+           'add_synth_command', 'cmd_synth', 'add_convert_msd_command', 'cmd_convert_msd', 'add_plan_command',
+           'cmd_plan', 'add_preprocess_command', 'cmd_preprocess', 'add_plan_and_preprocess_command',
+           'cmd_plan_and_preprocess', 'add_train_command', 'cmd_train', 'train_fold', 'print_validation',
+           'add_validate_command', 'cmd_validate', 'add_predict_command', 'cmd_predict', 'describe_predictor',
+           'predict_uncertainty', 'predict_instructions', 'add_evaluate_command', 'cmd_evaluate',
            'add_evaluate_uncertainty_command', 'cmd_evaluate_uncertainty', 'add_postprocess_command', 'cmd_postprocess',
            'add_ensemble_command', 'cmd_ensemble', 'add_find_best_command', 'cmd_find_best', 'add_export_model_command',
            'cmd_export_model', 'add_import_model_command', 'cmd_import_model', 'add_course_command', 'cmd_course',
            'prediction_figure', 'preprocessed_figure', 'add_demo_command', 'cmd_demo', 'check_device', 'build_parser',
-           'main']
+           'error_text', 'main']
 
 # %% ../nbs/16_cli.ipynb #a416484f
 @contextmanager
@@ -101,6 +103,28 @@ def cmd_synth(args) -> int:
         spacing=tuple(args.spacing) if args.spacing else None, n_channels=args.channels,
         n_classes=args.classes, file_ending=args.file_ending)
     print(f"wrote {out}")
+    return 0
+
+# %% ../nbs/16_cli.ipynb #ec127804
+def add_convert_msd_command(sub):
+    c = sub.add_parser('convert-msd', help='convert a Medical Segmentation Decathlon task into an nnU-Net v2 '
+                                           'raw dataset (nnUNetv2_convert_MSD_dataset)')
+    c.add_argument(
+        'task_dir', type=Path, help='the MSD task folder (TaskNN_Name: dataset.json, imagesTr, ...)')
+    c.add_argument('out', type=Path, nargs='?', default=None,
+                   help='folder for DatasetNNN_Name (default: the folder holding TASK_DIR)')
+    c.add_argument('--id', type=int, default=None, help='dataset id NNN (default: the task number)')
+    c.add_argument('-np', '--workers', type=int, default=2, help='threads splitting the images (default 2)')
+    c.add_argument('-q', '--quiet', action='store_true')
+    c.set_defaults(func=cmd_convert_msd)
+
+def cmd_convert_msd(args) -> int:
+    out = args.out if args.out is not None else Path(args.task_dir).resolve().parent
+    dataset = convert_msd_dataset(args.task_dir, out, args.id, args.workers, not args.quiet)
+    d = read_dataset_json(dataset)
+    print(f"wrote {dataset}: {d['numTraining']} training cases, channels "
+          f"{', '.join(d['channel_names'].values())}, labels {', '.join(d['labels'])}")
+    print(f"next: nnlite plan-and-preprocess {dataset} -o PREPROCESSED_DIR")
     return 0
 
 # %% ../nbs/16_cli.ipynb #5d87439a
@@ -470,7 +494,15 @@ def add_evaluate_command(sub):
     ev.add_argument('pred_dir', type=Path, help='folder of predicted label files')
     ev.add_argument('gt_dir', type=Path, help='folder of reference label files (same names)')
     ev.add_argument('-d', '--dataset-json', type=Path, default=None,
-                    help='dataset.json (default: the one beside the predictions or the references)')
+                    help='dataset.json (default: the one beside the predictions or the references; '
+                         'none with -l)')
+    ev.add_argument('-l', '--labels', type=int, nargs='+', default=None,
+                    help='label values to score, without a dataset.json (as nnUNetv2_evaluate_simple -l)')
+    ev.add_argument('--ignore-label', type=int, default=None, help='a label value that is not scored (-il)')
+    ev.add_argument('--file-ending', default=None,
+                    help="the label files' ending (default: the dataset.json's, else the references')")
+    ev.add_argument('--chill', action='store_true',
+                    help='score the predictions there are, even when references have none (as the reference)')
     ev.add_argument(
         '-o', '--out', type=Path, default=None, help='summary file (default PRED_DIR/summary.json)')
     ev.add_argument('-np', '--workers', type=int, default=2, help='reader threads (default 2)')
@@ -479,7 +511,8 @@ def add_evaluate_command(sub):
 
 def cmd_evaluate(args) -> int:
     summary = evaluate_folder(args.pred_dir, args.gt_dir, args.dataset_json, args.out, workers=args.workers,
-                              progress=not args.quiet)
+                              progress=not args.quiet, labels=args.labels, ignore_label=args.ignore_label,
+                              file_ending=args.file_ending, missing_ok=args.chill)
     print(summary_table(summary).round(4).to_string())
     print(f"foreground mean Dice {summary['foreground_mean']['Dice']:.4f} -> "
           f"{args.out or Path(args.pred_dir) / 'summary.json'}")
@@ -798,8 +831,8 @@ def cmd_demo(args) -> int:
     return 0
 
 # %% ../nbs/16_cli.ipynb #80903aed
-COMMANDS = (add_check_command, add_synth_command, add_plan_command, add_preprocess_command,
-            add_plan_and_preprocess_command, add_train_command,
+COMMANDS = (add_convert_msd_command, add_check_command, add_synth_command, add_plan_command,
+            add_preprocess_command, add_plan_and_preprocess_command, add_train_command,
             add_validate_command, add_predict_command, add_evaluate_command, add_evaluate_uncertainty_command,
             add_postprocess_command, add_ensemble_command, add_find_best_command, add_export_model_command,
             add_import_model_command, add_course_command, add_demo_command)
@@ -826,14 +859,19 @@ def build_parser() -> argparse.ArgumentParser:
     for add_command in COMMANDS: add_command(sub)
     return p
 
+def error_text(e: Exception) -> str:
+    "An error as the user reads it: an operating-system error as `PATH: what went wrong`."
+    if isinstance(e, OSError) and e.filename is not None: return f"{e.filename}: {e.strerror}"
+    return str(e)
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `nnlite` command."
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, 'device', None): check_device(args.device)
         return args.func(args)
-    except (DatasetError, ValueError, FileNotFoundError, FileExistsError) as e:
-        lines = str(e).splitlines() or [type(e).__name__]
+    except (DatasetError, ValueError, OSError) as e:   # a file that cannot be read or written: one line
+        lines = error_text(e).splitlines() or [type(e).__name__]
         print(f"nnlite: error: {lines[0]}", file=sys.stderr)
         for line in lines[1:]: print(line, file=sys.stderr)
         return 1

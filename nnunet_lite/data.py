@@ -5,9 +5,11 @@
 # %% ../nbs/00_data.ipynb #2a56b576
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,16 +22,18 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'REQUIRED_DATASET_KEYS', 'MULTICHANNEL_ENDINGS', 'SYNTH_KINDS',
-           'LABEL_NAMES', 'DatasetError', 'Problem', 'file_ending_of', 'Geometry', 'nifti_header', 'nifti_data_problem',
-           'read_file', 'temporary_path', 'atomic_write', 'atomic_write_text', 'write_json', 'read_json',
-           'remove_stale_temporaries', 'write_file', 'read_image', 'read_label', 'write_label', 'write_image',
-           'dataset_json_problems', 'label_values', 'foreground_labels', 'foreground_regions', 'label_key',
-           'label_from_key', 'read_dataset_json', 'write_dataset_json', 'list_image_files', 'training_cases',
-           'held_out_cases', 'SynthSpec', 'synth_spec', 'physical_grid', 'smooth_field', 'random_rotation',
-           'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy', 'synthetic_label', 'synthetic_intensities',
-           'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite', 'count_nonfinite', 'grid_problem',
-           'case_problems', 'check_dataset', 'verify_dataset']
+__all__ = ['SUPPORTED_FILE_ENDINGS', 'NOMINAL_2D_SPACING', 'NAME_MAX', 'REQUIRED_DATASET_KEYS', 'MULTICHANNEL_ENDINGS',
+           'SYNTH_KINDS', 'LABEL_NAMES', 'DatasetError', 'Problem', 'file_ending_of', 'Geometry', 'nifti_header',
+           'nifti_data_problem', 'nifti_spacing_problem', 'read_file', 'temporary_path', 'writing_error',
+           'atomic_write', 'atomic_write_text', 'write_json', 'read_json', 'remove_stale_temporaries', 'write_file',
+           'read_image', 'read_label', 'write_label', 'write_image', 'dataset_json_problems', 'label_values',
+           'foreground_labels', 'foreground_regions', 'label_key', 'label_from_key', 'read_dataset_json',
+           'write_dataset_json', 'list_image_files', 'training_cases', 'held_out_cases', 'SynthSpec', 'synth_spec',
+           'physical_grid', 'smooth_field', 'random_rotation', 'wobbly_ellipsoid', 'tube_mask', 'synthetic_anatomy',
+           'synthetic_label', 'synthetic_intensities', 'synthetic_case', 'make_synthetic_dataset', 'nifti_nonfinite',
+           'count_nonfinite', 'grid_problem', 'case_problems', 'check_dataset', 'verify_dataset', 'msd_files',
+           'msd_task_id', 'v2_dataset_json', 'msd_image_size', 'msd_channels', 'split_msd_image', 'msd_cases',
+           'read_msd_task', 'taken_dataset_folder', 'check_msd_files', 'run_file_jobs', 'convert_msd_dataset']
 
 # %% ../nbs/00_data.ipynb #6f49541c
 class DatasetError(ValueError):
@@ -88,7 +92,8 @@ import struct
 import zlib
 
 def nifti_header(head: bytes) -> dict | None:
-    "Byte order, dims, datatype, bitpix and vox_offset of a NIfTI-1/2 header (its first 540 bytes), or None."
+    """Byte order, dims, datatype, bitpix, vox_offset and pixdim (the voxel sizes) of a NIfTI-1/2 header (its
+    first 540 bytes), or None."""
     for order in '<>':
         if len(head) >= 4 and struct.unpack(order + 'i', head[:4])[0] in (348, 540): break
     else:
@@ -97,15 +102,17 @@ def nifti_header(head: bytes) -> dict | None:
         dims = struct.unpack(order + '8h', head[40:56])
         datatype, bitpix = struct.unpack(order + '2h', head[70:74])
         offset = int(struct.unpack(order + 'f', head[108:112])[0])
+        pixdim = struct.unpack(order + '8f', head[76:108])
     elif len(head) >= 540:
         datatype, bitpix = struct.unpack(order + '2h', head[12:16])
         dims = struct.unpack(order + '8q', head[16:80])
         offset = struct.unpack(order + 'q', head[168:176])[0]
+        pixdim = struct.unpack(order + '8d', head[104:168])
     else:
         return None
     n = int(np.prod(dims[1:dims[0] + 1])) if 1 <= dims[0] <= 7 else 0
     return {'order': order, 'dims': dims, 'datatype': datatype, 'bitpix': bitpix, 'offset': offset,
-            'size': offset + n * bitpix // 8}
+            'size': offset + n * bitpix // 8, 'pixdim': tuple(float(p) for p in pixdim)}
 
 # %% ../nbs/00_data.ipynb #880d8bbd
 def _gunzipped_size(path, limit: int) -> int:
@@ -140,19 +147,45 @@ def nifti_data_problem(path) -> str | None:
         return f"truncated: {have} of the {expected} bytes its header announces"
     return None
 
+# %% ../nbs/00_data.ipynb #fd81b3b6
+def nifti_spacing_problem(path) -> str | None:
+    """Why a .nii/.nii.gz header's voxel size along a spatial axis cannot be trusted (pixdim zero, negative,
+    NaN or inf), naming the axis; else None (also for files that are not NIfTI: their reader decides)."""
+    opener = gzip.open if str(path).endswith('.gz') else open
+    try:
+        with opener(path, 'rb') as f: header = nifti_header(f.read(540))
+    except (OSError, EOFError, zlib.error): return None
+    if header is None: return None
+    for axis in range(1, min(header['dims'][0], 3) + 1):
+        size = header['pixdim'][axis]
+        if np.isfinite(size) and size > 0: continue
+        read_as = f"{abs(size):g} mm with the axis flipped" if size < 0 else "1 mm"
+        return (f"header spacing of the {'xyz'[axis - 1]} axis (pixdim[{axis}]) is {size:g}; a spacing must "
+                f"be positive and finite (SimpleITK would read {read_as})")
+    return None
+
 # %% ../nbs/00_data.ipynb #5d622432
 # z spacing factor for 2D images (times the largest in-plane spacing), as nnU-Net v2
 NOMINAL_2D_SPACING = 999.0
 
+def _itk_error(e: RuntimeError) -> str:
+    "The line of a SimpleITK exception that says what went wrong."
+    return next((l.strip() for l in str(e).splitlines() if 'ERROR' in l or 'rror' in l), str(e).strip())[:200]
+
+def _check_nifti(path: Path):
+    "Refuse a NIfTI file that SimpleITK would read wrong without a word: cut short, or a bad header spacing."
+    if file_ending_of(path) not in ('.nii', '.nii.gz'): return
+    if problem := nifti_data_problem(path):
+        raise DatasetError(f"{path}: cannot be read as an image ({problem})")
+    if problem := nifti_spacing_problem(path): raise DatasetError(f"{path}: {problem}")
+
 def _read_itk(path) -> tuple[sitk.Image, np.ndarray]:
     path = Path(path)
     if not path.is_file(): raise DatasetError(f"{path}: file not found")
-    if file_ending_of(path) in ('.nii', '.nii.gz') and (problem := nifti_data_problem(path)):
-        raise DatasetError(f"{path}: cannot be read as an image ({problem})")
+    _check_nifti(path)
     try: img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        detail = next((l.strip() for l in str(e).splitlines() if 'ERROR' in l or 'rror' in l), str(e).strip())
-        raise DatasetError(f"{path}: cannot be read as an image ({detail[:200]})") from None
+        raise DatasetError(f"{path}: cannot be read as an image ({_itk_error(e)})") from None
     return img, sitk.GetArrayFromImage(img)
 
 def read_file(path) -> tuple[np.ndarray, Geometry]:
@@ -173,19 +206,35 @@ def read_file(path) -> tuple[np.ndarray, Geometry]:
     return arr, geometry
 
 # %% ../nbs/00_data.ipynb #720c588e
+NAME_MAX = 255   # bytes in one file name on Linux, macOS and Windows file systems
+
 def temporary_path(path) -> Path:
-    "A hidden name beside `path` to write it under first, with the same file ending."
+    """A hidden name beside `path` to write it under first, with the same file ending (a long name is cut so
+    that the temporary one stays within NAME_MAX)."""
     path = Path(path)
-    return path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp{file_ending_of(path) or path.suffix}')
+    ending = file_ending_of(path) or path.suffix
+    name = path.name if len(os.fsencode(path.name)) <= NAME_MAX - 40 else path.name[:NAME_MAX // 2 - 40]
+    return path.with_name(f'.{name}.{uuid.uuid4().hex[:8]}.tmp{ending}')
 
 # %% ../nbs/00_data.ipynb #9038137f
+def writing_error(path, error: OSError, what: str = 'cannot be written') -> OSError:
+    "The OSError of a failed write, naming the file the user asked for (not a temporary or a parent)."
+    return OSError(error.errno, f"{what} ({error.strerror or error})", str(path))
+
 def atomic_write(path, write: Callable[[Path], Any]) -> Path:
     """Write `path` by calling `write(temporary_path)`, then rename the result onto `path`: readers see the
-    old file or the whole new one, never half of it. A failed write leaves nothing behind."""
+    old file or the whole new one, never half of it. A failed write leaves nothing behind. A name too long,
+    a folder that cannot be made or written to: an OSError naming `path`, before anything is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if (size := len(os.fsencode(path.name))) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, f"cannot be written (a file name of {size} bytes; the limit is "
+                                          f"{NAME_MAX})", str(path))
+    try: path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise writing_error(path, e, 'cannot make its folder') from None
     tmp = temporary_path(path)
     try:
+        try: tmp.touch()
+        except OSError as e: raise writing_error(path, e) from None
         write(tmp)
         os.replace(tmp, path)
     finally:
@@ -867,3 +916,170 @@ def verify_dataset(dataset_dir, workers: int = 4, progress: bool = True) -> dict
     if problems := check_dataset(dataset_dir, workers, progress):
         raise DatasetError(f"{len(problems)} problem(s) in {dataset_dir}:\n" + '\n'.join(map(str, problems)))
     return read_dataset_json(dataset_dir)
+
+# %% ../nbs/00_data.ipynb #7a5109ba
+def msd_files(folder) -> list[Path]:
+    "An MSD folder's `.nii.gz` files, without names starting with '.' or '_' (macOS junk), as the reference."
+    folder = Path(folder)
+    if not folder.is_dir(): return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.endswith('.nii.gz') and not p.name.startswith(('.', '_')) and p.is_file())
+
+# %% ../nbs/00_data.ipynb #abc90f2c
+def msd_task_id(task_dir, dataset_id: int | None = None) -> tuple[int, str]:
+    """(dataset id, name) for an MSD task folder `TaskNN_Name`: the id is NN unless `dataset_id` is given
+    (then any folder name serves as the name)."""
+    folder = Path(task_dir).resolve().name
+    m = re.fullmatch(r'Task(\d+)_(.+)', folder)
+    if m is None and dataset_id is None:
+        raise ValueError(f"{task_dir}: an MSD task folder is named TaskNN_Name (Task02_Heart); "
+                         f"pass a dataset id to convert {folder!r}")
+    dataset_id = int(m[1]) if dataset_id is None else dataset_id
+    if isinstance(dataset_id, bool) or not isinstance(dataset_id, int) or not 0 <= dataset_id <= 999:
+        raise ValueError(f"dataset id {dataset_id!r}: must be an integer from 0 to 999")
+    return dataset_id, m[2] if m else folder
+
+# %% ../nbs/00_data.ipynb #9b38027a
+def v2_dataset_json(msd: dict, num_training: int, where='dataset.json') -> dict:
+    """An MSD dataset.json in nnU-Net v2's schema, as the reference writes it: `labels` inverted to
+    {name: value}, `file_ending` '.nii.gz', `modality` renamed `channel_names`, no `training`/`test` lists,
+    every other key kept in its place; `numTraining` the number of cases converted."""
+    for key in ('modality', 'labels'):
+        if not isinstance(msd.get(key), dict) or not msd[key]:
+            hint = "; it has channel_names: already an nnU-Net v2 dataset?" if 'channel_names' in msd else ''
+            raise DatasetError(f"{where}: no MSD '{key}' mapping (as {{\"0\": \"...\"}}){hint}")
+    try: labels = {name: int(value) for value, name in msd['labels'].items()}
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: MSD labels must map values to names, found {msd['labels']}") from None
+    if len(labels) != len(msd['labels']):
+        raise DatasetError(f"{where}: a label name repeats in {msd['labels']}")
+    d = {k: v for k, v in msd.items() if k not in ('modality', 'training', 'test')}
+    d['labels'], d['numTraining'] = labels, int(num_training)
+    d['file_ending'], d['channel_names'] = '.nii.gz', dict(msd['modality'])
+    if problems := dataset_json_problems(d, str(where)):
+        raise DatasetError(f"{problems[0]} (after converting the MSD dataset.json)")
+    return d
+
+# %% ../nbs/00_data.ipynb #4d4d12a2
+def msd_image_size(path) -> tuple[int, ...]:
+    """The size (x, y, z[, channels]) of an MSD image from its header, refusing in one line a file that is cut
+    short, has a header spacing of 0 or cannot be read."""
+    path = Path(path)
+    _check_nifti(path)
+    reader = sitk.ImageFileReader(); reader.SetFileName(str(path))
+    try: reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: cannot be read as an image ({_itk_error(e)})") from None
+    return tuple(reader.GetSize())
+
+def msd_channels(path, n_channels: int) -> int:
+    "The channels of an MSD image (1 for 3D, the 4th axis' size for 4D); an error unless it is `n_channels`."
+    size = msd_image_size(path)
+    if len(size) not in (3, 4):
+        raise DatasetError(f"{path}: {len(size)}D image; an MSD image is 3D, or 4D with the channels last")
+    found = 1 if len(size) == 3 else size[3]
+    if found != n_channels:
+        raise DatasetError(f"{path}: {found} channel(s), but dataset.json modality lists {n_channels}")
+    return found
+
+# %% ../nbs/00_data.ipynb #7e78dbb7
+def split_msd_image(path, out_folder) -> list[Path]:
+    """Write MSD image `CASE.nii.gz` as the v2 channel files `out_folder/CASE_000C.nii.gz`: a 3D file copied
+    as it is, a 4D file split along its 4th axis with the first three axes' spacing, origin and direction."""
+    path, out_folder = Path(path), Path(out_folder)
+    case = path.name[:-len('.nii.gz')]
+    if len(msd_image_size(path)) == 3:
+        return [Path(shutil.copyfile(path, out_folder / f'{case}_0000.nii.gz'))]
+    img, arr = _read_itk(path)                                   # (c, z, y, x)
+    geometry = Geometry(tuple(float(s) for s in reversed(img.GetSpacing()[:3])),
+                        tuple(float(o) for o in img.GetOrigin()[:3]),
+                        tuple(float(x) for x in np.reshape(img.GetDirection(), (4, 4))[:3, :3].ravel()))
+    return [write_file(channel, geometry, out_folder / f'{case}_{c:04d}.nii.gz')
+            for c, channel in enumerate(arr)]
+
+# %% ../nbs/00_data.ipynb #6405b08f
+def msd_cases(task_dir) -> tuple[list[Path], list[Path], list[Path]]:
+    """(training images, their labels, test images) of an MSD task folder; a one-line error for a training
+    image without its label or a label without its image."""
+    task_dir = Path(task_dir)
+    images, labels = msd_files(task_dir / 'imagesTr'), msd_files(task_dir / 'labelsTr')
+    if not images: raise DatasetError(f"{task_dir / 'imagesTr'}: no training images (*.nii.gz)")
+    image_names, label_names = {p.name for p in images}, {p.name for p in labels}
+    if missing := [p for p in images if p.name not in label_names]:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''
+        raise DatasetError(
+            f"{task_dir / 'labelsTr' / missing[0].name}: missing, the label of {missing[0]}{more}")
+    if orphan := next((p for p in labels if p.name not in image_names), None):
+        raise DatasetError(f"{orphan}: label without image (no {task_dir / 'imagesTr' / orphan.name})")
+    return images, [task_dir / 'labelsTr' / p.name for p in images], msd_files(task_dir / 'imagesTs')
+
+# %% ../nbs/00_data.ipynb #78b3d1bf
+def read_msd_task(task_dir) -> dict:
+    "The dataset.json of an MSD task folder, after checking the folder has it, imagesTr/ and labelsTr/."
+    task_dir = Path(task_dir)
+    layout = "an MSD task folder holds dataset.json, imagesTr/, labelsTr/ (and imagesTs/)"
+    if not task_dir.is_dir(): raise FileNotFoundError(f"{task_dir}: MSD task folder not found")
+    msd = read_json(task_dir / 'dataset.json', 'file', layout)
+    if not isinstance(msd, dict): raise DatasetError(f"{task_dir / 'dataset.json'}: must hold a JSON object")
+    for sub in ('imagesTr', 'labelsTr'):
+        if not (task_dir / sub).is_dir(): raise FileNotFoundError(f"{task_dir / sub}: not found ({layout})")
+    return msd
+
+# %% ../nbs/00_data.ipynb #474f851f
+def taken_dataset_folder(out_dir, dataset_id: int, target: Path) -> Path | None:
+    """A folder of `out_dir` that already uses `dataset_id` (DatasetNNN_*), the target itself when it is not
+    empty; None when the id is free (an empty target folder is filled)."""
+    for p in sorted(Path(out_dir).glob(f'Dataset{dataset_id:03d}_*')):
+        if p != target or not p.is_dir() or any(p.iterdir()): return p
+    return None
+
+# %% ../nbs/00_data.ipynb #a67809f3
+def check_msd_files(images: list, labels: list, n_channels: int, workers: int = 2):
+    "Read the headers of an MSD task's images and labels; a one-line error for the first that cannot be used."
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda p: msd_channels(p, n_channels), images))
+        for f, size in zip(labels, pool.map(msd_image_size, labels)):
+            if len(size) != 3: raise DatasetError(f"{f}: a label map must be 3D, found size {size}")
+
+def run_file_jobs(jobs: list, workers: int = 2, desc: str = '', progress: bool = True):
+    """Run `(function, source, destination)` jobs in threads with a progress bar; on the first error the jobs
+    not started are cancelled and the running ones awaited before it is raised (nothing writes afterwards)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(f, src, dst) for f, src, dst in jobs]
+        try:
+            for future in tqdm(futures, desc=desc, disable=not progress): future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+# %% ../nbs/00_data.ipynb #4f61c892
+def convert_msd_dataset(task_dir, out_dir, dataset_id: int | None = None, workers: int = 2,
+                        progress: bool = True) -> Path:
+    """Convert a Medical Segmentation Decathlon task folder `TaskNN_Name` into the nnU-Net v2 raw dataset
+    `out_dir/DatasetNNN_Name` (NNN: the task number unless `dataset_id`) and return that folder. Written to a
+    temporary folder and renamed at the end: a refused or failed conversion leaves nothing under the name."""
+    task_dir, out_dir = Path(task_dir), Path(out_dir)
+    msd = read_msd_task(task_dir)
+    dataset_id, name = msd_task_id(task_dir, dataset_id)
+    target = out_dir / f'Dataset{dataset_id:03d}_{name}'
+    if taken := taken_dataset_folder(out_dir, dataset_id, target):
+        raise DatasetError(
+            f"{taken}: dataset id {dataset_id:03d} is taken; remove that folder or choose another id")
+    images, labels, tests = msd_cases(task_dir)
+    d = v2_dataset_json(msd, len(images), task_dir / 'dataset.json')
+    check_msd_files(images + tests, labels, len(d['channel_names']), workers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f'.{target.name}.{uuid.uuid4().hex[:8]}.tmp'
+    try:
+        for sub in ('imagesTr', 'labelsTr', 'imagesTs'): (tmp / sub).mkdir(parents=True)
+        jobs = ([(split_msd_image, p, tmp / 'imagesTr') for p in images]
+                + [(split_msd_image, p, tmp / 'imagesTs') for p in tests]
+                + [(shutil.copyfile, p, tmp / 'labelsTr' / p.name) for p in labels])
+        run_file_jobs(jobs, workers, f'converting {task_dir.name}', progress)
+        write_json(tmp / 'dataset.json', d)
+        try: os.rename(tmp, target)
+        except OSError:
+            raise DatasetError(f"{target}: appeared during the conversion; not replaced") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -145,7 +145,8 @@ def crossval_results(model_dir, gt_dir, folds=(0, 1, 2, 3, 4), workers: int = 2)
                 raise DatasetError(
                     f"{f}: case predicted by two folds of {model_dir}; its folds must not overlap")
             shutil.copy(f, out / f.name)
-    return out, evaluate_folder(out, gt_dir, dataset_json, workers=workers, progress=False)
+    # folds not trained (or not asked for) leave cases unpredicted: scored as the reference's chill=True
+    return out, evaluate_folder(out, gt_dir, dataset_json, workers=workers, progress=False, missing_ok=True)
 
 # %% ../nbs/12_ensembling.ipynb #0e180682
 def crossval_probabilities(model_dir, folds) -> dict:
@@ -173,7 +174,8 @@ def ensemble_crossval(model_dirs, out_dir, gt_dir, folds=(0, 1, 2, 3, 4),
     if out_dir.exists(): shutil.rmtree(out_dir)
     ensemble_files(members, out_dir, dataset_json, workers=workers, progress=False)
     copy_model_files(model_dirs[0], out_dir)
-    return out_dir, evaluate_folder(out_dir, gt_dir, dataset_json, workers=workers, progress=False)
+    return out_dir, evaluate_folder(out_dir, gt_dir, dataset_json, workers=workers, progress=False,
+                                    missing_ok=True)
 
 # %% ../nbs/12_ensembling.ipynb #c32db86d
 CONFIGURATION_ORDER = ('2d', '3d_fullres', '3d_lowres', '3d_cascade_fullres')

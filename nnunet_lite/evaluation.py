@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import (DatasetError, foreground_regions, label_from_key, label_key, read_dataset_json,
-                              read_json, read_label, write_json)
+from .data import (DatasetError, file_ending_of, foreground_regions, grid_problem, label_from_key,
+                              label_key, label_values, read_dataset_json, read_json, read_label, write_json)
 from .inference import predict_validation_cases
 
 # %% auto #0
 __all__ = ['METRICS', 'evaluation_classes', 'case_metrics', 'summarise', 'save_summary', 'load_summary', 'resolve_dataset_json',
-           'label_files', 'prediction_files', 'case_record', 'evaluate_folder', 'summary_table', 'validate_fold']
+           'label_files', 'prediction_files', 'case_record', 'label_values_in', 'evaluate_case',
+           'reference_file_ending', 'evaluation_setup', 'evaluate_folder', 'summary_table', 'validate_fold']
 
 # %% ../nbs/10_evaluation.ipynb #1b83a6a1
 METRICS = ('Dice', 'IoU', 'TP', 'FP', 'FN', 'TN', 'n_pred', 'n_ref')
@@ -102,8 +103,8 @@ def load_summary(path) -> dict:
 def _find_dataset_json(pred_dir: Path, gt_dir: Path) -> dict:
     for candidate in (pred_dir / 'dataset.json', gt_dir / 'dataset.json', gt_dir.parent / 'dataset.json'):
         if candidate.is_file(): return read_dataset_json(candidate)
-    raise FileNotFoundError(
-        f"{pred_dir}: no dataset.json beside the predictions or the references; pass dataset_json")
+    raise FileNotFoundError(f"{pred_dir}: no dataset.json beside the predictions or the references; pass "
+                            f"dataset_json, or the labels to evaluate (labels=[1, 2]; command line: -l 1 2)")
 
 def resolve_dataset_json(dataset_json: dict | str | None, pred_dir: Path, gt_dir: Path) -> dict:
     "The dataset.json given (a dict or a path), else the one beside the predictions or the references."
@@ -117,16 +118,21 @@ def label_files(folder: Path, ending: str, what: str = 'label files') -> list[Pa
     if not files: raise FileNotFoundError(f"{folder}: no {what} ending in {ending}")
     return files
 
-def prediction_files(pred_dir: Path, gt_dir: Path, ending: str) -> list[Path]:
-    """The predictions of `pred_dir`, each with its reference of
-    the same name in `gt_dir` (else an error naming it)."""
+def _and_more(items: list) -> str: return f" (and {len(items) - 1} more)" if len(items) > 1 else ''
+
+def prediction_files(pred_dir: Path, gt_dir: Path, ending: str, missing_ok: bool = True) -> list[Path]:
+    """The predictions of `pred_dir`, each with its reference of the same name in `gt_dir` (else an error
+    naming it). Unless `missing_ok`, every reference of `gt_dir` must also have its prediction."""
     predictions = label_files(pred_dir, ending, 'predictions')
     missing = [gt_dir / p.name for p in predictions if not (gt_dir / p.name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{missing[0]}: reference missing for prediction {predictions[0].parent / missing[0].name}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else '')
-        )
+        raise FileNotFoundError(f"{missing[0]}: reference missing for prediction "
+                                f"{pred_dir / missing[0].name}{_and_more(missing)}")
+    if not missing_ok:
+        names = {p.name for p in predictions}
+        if unpredicted := [p for p in label_files(gt_dir, ending, 'references') if p.name not in names]:
+            raise FileNotFoundError(f"{pred_dir / unpredicted[0].name}: prediction missing for reference "
+                                    f"{unpredicted[0]}{_and_more(unpredicted)}")
     return predictions
 
 # %% ../nbs/10_evaluation.ipynb #c0a00dd1
@@ -138,17 +144,71 @@ def case_record(reference: np.ndarray, prediction: np.ndarray, reference_file, p
     return {
         'reference_file': str(reference_file), 'prediction_file': str(prediction_file), 'metrics': metrics}
 
-def evaluate_folder(pred_dir, gt_dir, dataset_json: dict | str | None = None, output_file=None,
-                    workers: int = 2, progress: bool = True) -> dict:
-    """Metrics of every prediction in `pred_dir` against `gt_dir`;
-    writes `summary.json` (default: into `pred_dir`)."""
+# %% ../nbs/10_evaluation.ipynb #ef3e5306
+def label_values_in(label: np.ndarray) -> set[int]:
+    "The values a label map holds (by `bincount` when they are small and non-negative, as labels are)."
+    if label.size == 0: return set()
+    if int(label.min()) >= 0 and int(label.max()) < 1 << 16:
+        return set(np.flatnonzero(np.bincount(label.ravel())).tolist())
+    return set(np.unique(label).tolist())
+
+# %% ../nbs/10_evaluation.ipynb #f12ec5f2
+def evaluate_case(reference_file, prediction_file, classes, ignore: int | None = None,
+                  allowed: set | None = None) -> dict:
+    """Read a reference and its prediction and score them (`case_record`); a one-line error when the
+    prediction is on another grid, or either file holds a label value outside `allowed` (when given)."""
+    reference, reference_grid = read_label(reference_file)
+    prediction, prediction_grid = read_label(prediction_file)
+    where = f"the reference {Path(reference_file).parent / '_'}"[:-1]
+    if problem := grid_problem(prediction_file, prediction.shape, prediction_grid,
+                               reference_file, reference.shape, reference_grid, where):
+        raise DatasetError(str(problem))
+    for f, label in ((reference_file, reference), (prediction_file, prediction)):
+        if allowed is not None and (undeclared := sorted(label_values_in(label) - set(allowed))):
+            raise DatasetError(
+                f"{f}: label values {undeclared} are not in dataset.json labels {sorted(allowed)}")
+    return case_record(reference, prediction, reference_file, prediction_file, classes, ignore)
+
+# %% ../nbs/10_evaluation.ipynb #32c9a446
+def reference_file_ending(gt_dir: Path) -> str:
+    "The file ending the label files of `gt_dir` share ('.nii.gz', '.png', ...); an error for none, several."
+    files = [p for p in Path(gt_dir).iterdir() if p.is_file() and not p.name.startswith('.')]
+    endings = {file_ending_of(p) for p in files}
+    endings.discard('')
+    if not endings: raise FileNotFoundError(f"{gt_dir}: no reference label files (no image file ending)")
+    if len(endings) > 1:
+        raise ValueError(f"{gt_dir}: reference files of several endings {sorted(endings)}; pass file_ending")
+    return endings.pop()
+
+def evaluation_setup(pred_dir, gt_dir, dataset_json: dict | str | None = None, labels=None,
+                     ignore_label: int | None = None, file_ending: str | None = None) -> dict:
+    """What `evaluate_folder` scores: {'classes', 'ignore', 'file_ending', 'allowed'}. From the dataset.json
+    (given, or found beside the folders) unless `labels` are given; `labels` without a dataset.json score
+    those labels (as nnUNetv2_evaluate_simple), with the reference files' ending and no label value check."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    dataset_json = resolve_dataset_json(dataset_json, pred_dir, gt_dir)
-    ending, classes = dataset_json['file_ending'], evaluation_classes(dataset_json)
-    ignore = dataset_json['labels'].get('ignore')
-    predictions = prediction_files(pred_dir, gt_dir, ending)
-    one = lambda f: case_record(
-        read_label(gt_dir / f.name)[0], read_label(f)[0], gt_dir / f.name, f, classes, ignore)
+    if labels is not None:
+        labels = [tuple(int(x) for x in c) if isinstance(c, (tuple, list)) else int(c) for c in labels]
+        if not labels: raise ValueError("labels: give at least one label to evaluate")
+    d = resolve_dataset_json(dataset_json, pred_dir, gt_dir) if labels is None or dataset_json else None
+    if ignore_label is None and d is not None: ignore_label = d['labels'].get('ignore')
+    return {'classes': labels if labels is not None else evaluation_classes(d), 'ignore': ignore_label,
+            'file_ending': file_ending or (d['file_ending'] if d else reference_file_ending(gt_dir)),
+            'allowed': set(label_values(d)) if d else None}
+
+# %% ../nbs/10_evaluation.ipynb #2a293dcb
+def evaluate_folder(pred_dir, gt_dir, dataset_json: dict | str | None = None, output_file=None,
+                    workers: int = 2, progress: bool = True, labels=None, ignore_label: int | None = None,
+                    file_ending: str | None = None, missing_ok: bool = False) -> dict:
+    """Metrics of every prediction in `pred_dir` against the reference of the same name in `gt_dir`; writes
+    `summary.json` (default: into `pred_dir`). What is scored comes from the dataset.json, or from `labels`
+    (and `ignore_label`, `file_ending`) without one: see `evaluation_setup`. Every reference needs its
+    prediction unless `missing_ok` (fold validation scores its own cases only). Refused in one line, with
+    nothing written: a missing file, a prediction on another grid, an undeclared label value."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    setup = evaluation_setup(pred_dir, gt_dir, dataset_json, labels, ignore_label, file_ending)
+    classes = setup['classes']
+    predictions = prediction_files(pred_dir, gt_dir, setup['file_ending'], missing_ok)
+    one = lambda f: evaluate_case(gt_dir / f.name, f, classes, setup['ignore'], setup['allowed'])
     with ThreadPoolExecutor(max(1, workers)) as pool:
         per_case = list(
             tqdm(pool.map(one, predictions), total=len(predictions), desc='evaluating', disable=not progress))
@@ -186,4 +246,5 @@ def validate_fold(trainer, redo: bool = False, save_probabilities: bool = False)
     if not gt.is_dir():
         if trainer.progress: print(f"{gt}: not found, the validation predictions in {out} are not evaluated")
         return None
-    return evaluate_folder(out, gt, trainer.dataset_json, progress=False)
+    # gt_segmentations holds every training case, the fold's validation folder its own cases only
+    return evaluate_folder(out, gt, trainer.dataset_json, progress=False, missing_ok=True)

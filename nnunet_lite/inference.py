@@ -444,7 +444,8 @@ def prediction_settings(self: Predictor) -> dict:
     "What this Predictor's outputs depend on: weights, configuration, inference settings, the first stage."
     settings = {'weights_sha256': weights_digest(self.networks), 'configuration': self.config.name,
                 'folds': None if self.folds is None else [str(f) for f in self.folds], 'step': self.step,
-                'mirror_axes': list(self.mirror_axes), 'weighting': self.weighting, 'fold_merge': self.fold_merge,
+                'mirror_axes': list(self.mirror_axes), 'weighting': self.weighting,
+                'fold_merge': self.fold_merge,
                 'precision': str(self.amp_dtype or 'float32').removeprefix('torch.')}
     if self.previous is not None: settings['first_stage'] = self.previous.prediction_settings()
     if self.previous_predictions is not None:

@@ -310,3 +310,59 @@ def test_classes_are_blob_nested_and_thin():
     # the vessel is thin: erosion by 2 voxels nearly removes it, unlike the organ
     assert ndimage.binary_erosion(vessel, iterations=2).sum() < 0.1 * vessel.sum()
     assert ndimage.binary_erosion(organ, iterations=2).sum() > 0.3 * organ.sum()
+
+
+# --- header spacing 0 (SimpleITK reads 1 mm) ---------------------------------------------------------------
+
+def nifti_with_pixdim(src: Path, dst: Path, axis: int, value: float, nifti2: bool = False):
+    "A copy of NIfTI file `src` whose header gives voxel size `value` along `axis` (1: x, 2: y, 3: z)."
+    import gzip
+    import struct
+    raw = bytearray(gzip.decompress(src.read_bytes()) if src.name.endswith('.gz') else src.read_bytes())
+    if nifti2: struct.pack_into('<d', raw, 104 + 8 * axis, value)
+    else: struct.pack_into('<f', raw, 76 + 4 * axis, value)
+    dst.write_bytes(gzip.compress(bytes(raw)) if dst.name.endswith('.gz') else bytes(raw))
+
+
+@pytest.mark.parametrize("value,said", [(0.0, "is 0;"), (float('nan'), "is nan;"),
+                                        (float('-inf'), "is -inf;"), (-2.0, "is -2; a spacing must be")])
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_a_bad_header_spacing_is_refused_naming_the_file_and_axis(tmp_path, axis, value, said):
+    geometry = Geometry((3.0, 0.8, 0.7), (0, 0, 0), tuple(np.eye(3).ravel()))
+    write_label(np.ones((4, 5, 6), np.uint8), geometry, tmp_path / 'ok.nii.gz')
+    for name in ('bad.nii.gz', 'bad.nii'):
+        nifti_with_pixdim(tmp_path / 'ok.nii.gz', tmp_path / name, axis, value)
+        if value == 0:   # the trap: SimpleITK reads 1 mm
+            assert sitk.ReadImage(str(tmp_path / name)).GetSpacing()[axis - 1] == 1.0
+        for reader in (read_file, read_label, read_image):
+            with pytest.raises(DatasetError) as e: reader(tmp_path / name)
+            message = str(e.value)
+            head = f"{tmp_path / name}: header spacing of the {'xyz'[axis - 1]} axis (pixdim[{axis}])"
+            assert message.startswith(head) and said in message and '\n' not in message, message
+
+
+def test_nifti2_and_2d_headers_are_checked_too(tmp_path):
+    nib = pytest.importorskip('nibabel')      # SimpleITK neither writes nor reads NIfTI-2: the header alone
+    two = nib.Nifti2Image(np.zeros((6, 5, 4), np.int16), np.diag([0.7, 0.8, 3.0, 1.0]))
+    nib.save(two, str(tmp_path / 'two.nii'))
+    assert data.nifti_spacing_problem(tmp_path / 'two.nii') is None
+    nifti_with_pixdim(tmp_path / 'two.nii', tmp_path / 'two0.nii', 3, 0.0, nifti2=True)
+    said = data.nifti_spacing_problem(tmp_path / 'two0.nii')
+    assert said.startswith("header spacing of the z axis (pixdim[3]) is 0"), said
+    flat = tmp_path / 'flat.nii.gz'   # a 2D file: only its two axes count
+    write_file(np.zeros((1, 1, 5, 6), np.uint8), Geometry((999.0, 0.5, 0.5), (0, 0), (1, 0, 0, 1)), flat)
+    assert read_file(flat)[1].spacing == (999.0 * 0.5, 0.5, 0.5)
+    nifti_with_pixdim(flat, tmp_path / 'flat0.nii.gz', 2, 0.0)
+    with pytest.raises(DatasetError, match=r"y axis \(pixdim\[2\]\) is 0"):
+        read_file(tmp_path / 'flat0.nii.gz')
+
+
+def test_check_dataset_reports_a_zero_header_spacing(dataset_copy):
+    ds = dataset_copy('mr')
+    image, label = ds / 'imagesTr' / 'case_001_0001.nii.gz', ds / 'labelsTr' / 'case_002.nii.gz'
+    nifti_with_pixdim(image, image, 3, 0.0)
+    nifti_with_pixdim(label, label, 1, float('nan'))
+    said = [str(p) for p in check_dataset(ds, progress=False)]
+    assert f"{image}: header spacing of the z axis (pixdim[3]) is 0; a spacing must be positive and finite " \
+           f"(SimpleITK would read 1 mm)" in said, said
+    assert any(s.startswith(f"{label}: header spacing of the x axis (pixdim[1]) is nan") for s in said), said

@@ -4,6 +4,7 @@ written under a real name for the broken case. Also: a resume redoes a case whos
 worker processes of a killed `nnlite preprocess` die with it."""
 import contextlib
 import io
+import json
 import shutil
 import signal
 import subprocess
@@ -219,3 +220,29 @@ def test_predict_estimates_memory_before_reading(clean, tmp_path, monkeypatch):
     line = one_line_naming(r, clean['raw'] / 'imagesTs' / 'test_000_0000.nii.gz')
     assert 'predicting it needs about' in line and 'GB of RAM' in line, line
     assert not list(out.glob('*.nii.gz'))
+
+
+@pytest.mark.skipif(not Path('/sys/kernel').is_dir(), reason='needs /sys, a folder no one may write to')
+def test_unwritable_or_overlong_outputs_are_one_line_naming_them(clean, tmp_path):
+    "A read-only place or a name over 255 bytes: the path the user gave, named, and nothing written."
+    args = ('-i', clean['raw'] / 'imagesTs', '-m', clean['model'], '--device', 'cpu', '-q')
+    r = nnlite_here('predict', *args, '-o', '/sys/nnlite_predictions')
+    assert '.tmp' not in one_line_naming(r, '/sys/nnlite_predictions'), r.stderr
+    line = one_line_naming(nnlite_here('predict', *args, '-o', '/sys'), '/sys/plans.json')
+    assert 'cannot be written' in line, line
+    long = tmp_path / ('p' * 300)
+    one_line_naming(nnlite_here('predict', *args, '-o', long), long)
+    r = nnlite_here('plan', clean['raw'], '-o', tmp_path / 'plans' / ('q' * 256), '-q')
+    one_line_naming(r, tmp_path / 'plans' / ('q' * 256))
+    assert not (tmp_path / 'plans').exists() or not any((tmp_path / 'plans').iterdir())
+
+
+def test_a_plans_file_missing_a_key_names_the_file_and_key(clean, tmp_path):
+    model = Path(shutil.copytree(clean['model'], tmp_path / '3d_fullres'))
+    plans = json.loads((model / 'plans.json').read_text())
+    del plans['configurations']['3d_fullres']['normalization_schemes']
+    (model / 'plans.json').write_text(json.dumps(plans))
+    r = nnlite_here('predict', '-i', clean['raw'] / 'imagesTs', '-o', tmp_path / 'p', '-m', model, '-q')
+    line = one_line_naming(r, model / 'plans.json')
+    assert line.endswith("configuration '3d_fullres' has no 'normalization_schemes'"), line
+    assert not (tmp_path / 'p').exists()

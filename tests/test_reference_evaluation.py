@@ -66,3 +66,38 @@ def test_folder_summary_equals_compute_metrics_on_folder(tmp_path):
     (tmp_path / 'gt' / 'c3.nii.gz').unlink()
     r = nnlite('evaluate', tmp_path / 'pred', tmp_path / 'gt', '-q')
     assert r.returncode == 1 and 'c3.nii.gz: reference missing' in r.stderr
+
+
+@pytest.mark.parametrize("labels,ignore", [([1, 2, 3], None), ([1], 3), ([0, 1, 2], None)])
+def test_without_dataset_json_equals_compute_metrics_on_folder_simple(tmp_path, labels, ignore):
+    "nnUNetv2_evaluate_simple GT PRED -l ... [-il ...]: no dataset.json, the labels given."
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+    rng = np.random.default_rng(11)
+    (tmp_path / 'gt').mkdir(); (tmp_path / 'pred').mkdir()
+    for i in range(4):
+        ref, pred = random_pair(rng, 4)
+        if i == 1: ref[ref == 2] = 0; pred[pred == 2] = 0          # label 2 absent from both: NaN
+        write_label(ref, GEOMETRY, tmp_path / 'gt' / f'c{i}.nii.gz')
+        write_label(pred, GEOMETRY, tmp_path / 'pred' / f'c{i}.nii.gz')
+    ours = evaluate_folder(tmp_path / 'pred', tmp_path / 'gt', labels=labels, ignore_label=ignore,
+                           output_file=tmp_path / 'ours.json', progress=False)
+    compute_metrics_on_folder_simple(str(tmp_path / 'gt'), str(tmp_path / 'pred'), labels,
+                                     str(tmp_path / 'theirs.json'), num_processes=1, ignore_label=ignore)
+    saved, theirs = (json.loads((tmp_path / f).read_text()) for f in ('ours.json', 'theirs.json'))
+    assert sorted(saved) == sorted(theirs) and sorted(saved['mean']) == sorted(theirs['mean'])
+    assert [r['prediction_file'] for r in saved['metric_per_case']] == \
+        [r['prediction_file'] for r in theirs['metric_per_case']]
+    assert [r['reference_file'] for r in saved['metric_per_case']] == \
+        [r['reference_file'] for r in theirs['metric_per_case']]
+    for mine, ref in zip(saved['metric_per_case'], theirs['metric_per_case']):
+        assert sorted(mine['metrics']) == sorted(ref['metrics'])
+        for c, metrics in ref['metrics'].items():
+            assert sorted(mine['metrics'][c]) == sorted(metrics)
+            for m, v in metrics.items():
+                np.testing.assert_equal(mine['metrics'][c][m], v, err_msg=f"{mine['prediction_file']} {c}")
+    for c, metrics in theirs['mean'].items():
+        for m, v in metrics.items():
+            np.testing.assert_allclose(saved['mean'][c][m], v, rtol=1e-12, err_msg=f"mean {c} {m}")
+    for m, v in theirs['foreground_mean'].items():
+        np.testing.assert_allclose(saved['foreground_mean'][m], v, rtol=1e-12, err_msg=f"foreground {m}")
+    assert ours['foreground_mean'] == saved['foreground_mean']
