@@ -34,7 +34,8 @@ from .course import (build_site, check_exercises, exercises_table, grade_noteboo
                                 stage_notebooks, write_student_notebooks)
 from .postprocessing import determine_postprocessing, postprocess_folder
 from .preprocessing import load_preprocessed_case, preprocess_dataset, preprocessed_cases
-from .training import EPOCHS, ITERATIONS, SAVE_EVERY, VAL_ITERATIONS, Trainer, init_distributed
+from .training import (EPOCHS, ITERATIONS, RECIPES, SAVE_EVERY, VAL_ITERATIONS, Trainer,
+                                  init_distributed)
 from .viz import show_case, show_slice
 
 # %% auto #0
@@ -266,6 +267,16 @@ def add_train_command(sub):
                    help=f'validation iterations per epoch (default {VAL_ITERATIONS})')
     t.add_argument('--save-every', type=int, default=SAVE_EVERY,
                    help=f'epochs between checkpoint_latest saves (default {SAVE_EVERY})')
+    t.add_argument('--recipe', choices=list(RECIPES), default='v2',
+                   help="v2: SGD 0.01, poly (nnU-Net v2, default); paper2018: Adam 3e-4, the rate "
+                        "divided by 5 after 30 epochs without training-loss progress, stop below 1e-6 "
+                        "(the 2018 paper)")
+    t.add_argument('--early-stopping', type=int, default=None, metavar='PATIENCE',
+                   help='stop when the EMA of the validation pseudo-Dice has not improved for PATIENCE '
+                        'epochs')
+    t.add_argument('--pretrained-weights', type=Path, default=None, metavar='CKPT',
+                   help="start from a checkpoint's weights (every weight but the segmentation heads must "
+                        "fit; as nnUNetv2_train -pretrained_weights)")
     t.add_argument('--cyclic', type=int, default=0, metavar='K',
                    help='poly for the first half, then K cosine learning-rate cycles, keeping '
                         'checkpoint_snapshot_1..K.pth at their ends (for uncertainty; default 0: poly)')
@@ -304,7 +315,8 @@ def train_fold(args, fold, rank: int, world: int):
                       iterations=args.iters, val_iterations=args.val_iters, save_every=args.save_every,
                       device=args.device, seed=args.seed, threads=args.threads, amp=not args.no_amp,
                       progress=not args.quiet, previous_predictions=args.prev_stage_predictions,
-                      cycles=args.cyclic)
+                      cycles=args.cyclic, recipe=args.recipe, patience=args.early_stopping,
+                      pretrained_weights=args.pretrained_weights)
     if rank == 0:
         precision = (
             str(trainer.amp_dtype).split('.')[-1] + ' mixed precision' if trainer.amp_dtype else 'float32')
@@ -312,7 +324,10 @@ def train_fold(args, fold, rank: int, world: int):
         print(
             f"training {args.configuration} fold {fold}: {len(trainer.train_cases)} training / "
             f"{len(trainer.val_cases)} validation cases, {trainer.epochs} epochs x {trainer.iterations} "
-            f"iterations{f', {trainer.cycles} learning-rate cycles' if trainer.cycles else ''}, on "
+            f"iterations, recipe {trainer.recipe}"
+            f"{f', early stopping after {trainer.patience} epochs' if trainer.patience else ''}"
+            f"{f', {trainer.cycles} learning-rate cycles' if trainer.cycles else ''}"
+            f"{f', from the weights of {args.pretrained_weights}' if args.pretrained_weights else ''}, on "
             f"{trainer.device}{processes}, {precision} -> {trainer.output_dir}"
         )
     t0 = time.perf_counter()
@@ -324,6 +339,7 @@ def train_fold(args, fold, rank: int, world: int):
             f" {last['train_loss']:.4f}, pseudo Dice {last['mean_fg_dice']:.4f} (EMA"
             f" {last['ema_fg_dice']:.4f}); {trainer.output_dir / 'checkpoint_final.pth'}"
         )
+        if trainer.stop_reason and args.quiet: print(f"stopped early: {trainer.stop_reason}")  # else fit said
     summary = None if args.no_validation else validate_fold(trainer, save_probabilities=args.npz)
     if summary: print_validation(summary, trainer)
 

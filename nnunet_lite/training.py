@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import pickle
 import re
+import socket
 import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,19 +33,25 @@ from .data import (atomic_write, atomic_write_text, foreground_regions, read_jso
                               remove_stale_temporaries, write_json)
 from .dataloading import (OVERSAMPLE_FOREGROUND, PreprocessedDataset, TrainingBatches,
                                      forced_foreground, pipeline_settings)
-from .network import build_network, load_reference_weights, reference_state_dict
-from .plans import Configuration
+from .network import build_network, load_reference_weights, reference_key, reference_state_dict
+from .plans import Configuration, load_plans
 from .preprocessing import preprocessed_cases
 
 # %% auto #0
-__all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'EPOCHS', 'ITERATIONS', 'VAL_ITERATIONS', 'SAVE_EVERY',
-           'one_hot', 'SumOverRanks', 'soft_dice', 'dice_ce_loss', 'region_dice_bce_loss', 'deep_supervision_weights',
-           'deep_supervision_loss', 'make_optimizer', 'poly_lr', 'set_lr', 'cycle_lengths', 'snapshot_epochs',
-           'learning_rate', 'crossval_splits', 'tp_fp_fn', 'pseudo_dice', 'ema', 'load_or_make_splits', 'fold_cases',
-           'distributed_info', 'init_distributed', 'rank_batch_sizes', 'rank_oversample', 'save_checkpoint',
-           'numpy_scalar_globals', 'load_checkpoint', 'write_log_csv', 'progress_figure', 'default_device',
-           'default_model_dir', 'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16', 'amp_dtype',
-           'autocast', 'loss_function', 'class_names', 'Trainer', 'ranks_agree']
+__all__ = ['INITIAL_LR', 'WEIGHT_DECAY', 'MOMENTUM', 'GRAD_CLIP', 'RECIPES', 'PAPER_LR', 'PAPER_WEIGHT_DECAY', 'MIN_LR',
+           'LOSS_EMA_ALPHA', 'PLATEAU_THRESHOLD', 'PLATEAU_PATIENCE', 'PLATEAU_FACTOR', 'EPOCHS', 'ITERATIONS',
+           'VAL_ITERATIONS', 'SAVE_EVERY', 'LOCK_NAME', 'HEAD_KEY', 'one_hot', 'SumOverRanks', 'soft_dice',
+           'dice_ce_loss', 'region_dice_bce_loss', 'deep_supervision_weights', 'deep_supervision_loss',
+           'make_optimizer', 'poly_lr', 'set_lr', 'cycle_lengths', 'snapshot_epochs', 'learning_rate',
+           'crossval_splits', 'tp_fp_fn', 'pseudo_dice', 'ema', 'make_adam', 'PlateauState', 'plateau_step',
+           'learning_rate_stop', 'replay_plateau', 'EarlyStoppingState', 'early_stopping_step', 'patience_stop',
+           'replay_early_stopping', 'check_recipe', 'load_or_make_splits', 'fold_cases', 'distributed_info',
+           'init_distributed', 'rank_batch_sizes', 'rank_oversample', 'save_checkpoint', 'numpy_scalar_globals',
+           'load_checkpoint', 'write_log_csv', 'progress_figure', 'default_device', 'default_model_dir',
+           'default_output_dir', 'next_stage_folder', 'cpu_has_native_bf16', 'amp_dtype', 'autocast', 'loss_function',
+           'class_names', 'Trainer', 'process_alive', 'read_lock', 'lock_is_stale', 'lock_refusal',
+           'take_over_stale_lock', 'acquire_lock', 'release_lock', 'training_lock', 'ranks_agree',
+           'load_pretrained_weights']
 
 # %% ../nbs/08_training.ipynb #a1e33062
 def one_hot(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -202,6 +212,90 @@ def ema(previous: float | None, value: float, momentum: float = 0.9) -> float:
     NaN (no foreground seen) leaves it where it was."""
     if previous is None or not math.isfinite(previous): return value
     return previous if not math.isfinite(value) else momentum * previous + (1 - momentum) * value
+
+# %% ../nbs/08_training.ipynb #322cb4df
+RECIPES = ('v2', 'paper2018')
+PAPER_LR, PAPER_WEIGHT_DECAY, MIN_LR = 3e-4, 3e-5, 1e-6
+LOSS_EMA_ALPHA, PLATEAU_THRESHOLD, PLATEAU_PATIENCE, PLATEAU_FACTOR = 0.93, 5e-3, 30, 0.2
+
+def make_adam(parameters, lr: float = PAPER_LR, weight_decay: float = PAPER_WEIGHT_DECAY) -> torch.optim.Adam:
+    "The 2018 recipe's optimiser: Adam with AMSGrad, as nnU-Net v1 made it."
+    return torch.optim.Adam(parameters, lr, weight_decay=weight_decay, amsgrad=True)
+
+@dataclass
+class PlateauState:
+    "Where the 2018 plateau rule stands after some epochs."
+    lr: float = PAPER_LR              # the learning rate of the next epoch
+    loss_ema: float | None = None     # the moving average of the epochs' training losses
+    best: float = math.inf            # its lowest value that counted as an improvement
+    bad_epochs: int = 0               # epochs in a row since then without an improvement
+
+def plateau_step(state: PlateauState, train_loss: float, alpha: float = LOSS_EMA_ALPHA,
+                 threshold: float = PLATEAU_THRESHOLD, patience: int = PLATEAU_PATIENCE,
+                 factor: float = PLATEAU_FACTOR) -> PlateauState:
+    """The state after one more epoch with mean training loss `train_loss`: the moving average
+    α·old + (1−α)·new improves when it falls more than `threshold` below its best; more than `patience` epochs
+    in a row without an improvement multiply the rate by `factor` and start the count again."""
+    loss_ema = ema(state.loss_ema, train_loss, alpha)
+    improved = loss_ema < state.best - threshold
+    best, bad = (loss_ema, 0) if improved else (state.best, state.bad_epochs + 1)
+    lr = state.lr
+    if bad > patience: lr, bad = lr * factor, 0
+    return PlateauState(lr, loss_ema, best, bad)
+
+def learning_rate_stop(state: PlateauState, epoch: int, min_lr: float = MIN_LR) -> str | None:
+    "Why a 2018 run ends after `epoch`: its rate fell below `min_lr` (None: it goes on)."
+    return f"learning rate {state.lr:.1e} < {min_lr:g} at epoch {epoch}" if state.lr < min_lr else None
+
+def replay_plateau(log: list[dict]) -> PlateauState:
+    "The plateau state a run's log leads to (the rule reads the training losses alone)."
+    state = PlateauState()
+    for row in log: state = plateau_step(state, row['train_loss'])
+    return state
+
+# %% ../nbs/08_training.ipynb #a5a58440
+@dataclass
+class EarlyStoppingState:
+    "Where early stopping stands: the best moving average of the validation pseudo Dice, and since when."
+    best: float | None = None     # the highest `ema_fg_dice` so far
+    best_epoch: int = -1          # the epoch that reached it
+    bad_epochs: int = 0           # epochs since, none higher
+
+def early_stopping_step(state: EarlyStoppingState, dice_ema: float, epoch: int) -> EarlyStoppingState:
+    "The state after `epoch`, whose validation pseudo-Dice EMA was `dice_ema` (a NaN is no improvement)."
+    if math.isfinite(dice_ema) and (state.best is None or dice_ema > state.best):
+        return EarlyStoppingState(dice_ema, epoch, 0)
+    return replace(state, bad_epochs=state.bad_epochs + 1)
+
+def patience_stop(state: EarlyStoppingState, patience: int | None) -> str | None:
+    "Why a run with early stopping ends: `patience` epochs without a new high (None: it goes on)."
+    if patience is None or state.bad_epochs < patience: return None
+    best = f"best {state.best:.4f} at epoch {state.best_epoch}" if state.best is not None else "no value yet"
+    return f"validation Dice EMA not improved for {state.bad_epochs} epochs ({best})"
+
+def replay_early_stopping(log: list[dict]) -> EarlyStoppingState:
+    "The early-stopping state a run's log leads to (it reads the log's `ema_fg_dice` alone)."
+    state = EarlyStoppingState()
+    for row in log: state = early_stopping_step(state, row['ema_fg_dice'], row['epoch'])
+    return state
+
+def check_recipe(recipe: str, patience: int | None = None, cycles: int = 0,
+                 val_iterations: int | None = None):
+    "Refuse, in one line, an unknown recipe or an option that does not go with it."
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe {recipe!r}: unknown, choose one of {', '.join(RECIPES)}")
+    if cycles and recipe != 'v2':
+        raise ValueError(f"learning-rate cycles ({cycles}) need the v2 recipe's poly schedule; the {recipe} "
+                         f"recipe sets its rate by the plateau rule")
+    if patience is None: return
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience {patience!r}: must be a whole number of epochs, at least 1")
+    if cycles:
+        raise ValueError(f"early stopping (patience {patience}) would cut the {cycles} learning-rate cycles "
+                         f"short: use one or the other")
+    if val_iterations is not None and val_iterations < 1:
+        raise ValueError(f"early stopping (patience {patience}) watches the validation pseudo Dice: it needs "
+                         f"validation iterations (val_iterations is {val_iterations})")
 
 # %% ../nbs/08_training.ipynb #10854dc0
 def load_or_make_splits(preprocessed_dir, case_ids, n_folds: int = 5, write: bool = True) -> list[dict]:
@@ -396,15 +490,19 @@ class Trainer:
     the learning rate is cyclic in the second half and a snapshot is kept at the end of each cycle. A cascade
     stage (a configuration with a `previous_stage`) reads the previous stage's predictions of its cases from
     the folder `previous_predictions` (default: `predicted_next_stage/<configuration>` in the previous
-    stage's default model folder)."""
+    stage's default model folder). `recipe` picks the optimiser and schedule ('v2' or 'paper2018'), `patience`
+    stops early when the validation pseudo-Dice EMA has not improved for that many epochs (`stop_reason` says
+    why a run ended early), and `pretrained_weights` starts from a checkpoint's weights (all but the output
+    layers)."""
     def __init__(self, preprocessed_dir, configuration: str = '3d_fullres', fold=0, output_dir=None,
                  epochs: int = EPOCHS, iterations: int = ITERATIONS, val_iterations: int = VAL_ITERATIONS,
                  save_every: int = SAVE_EVERY, device: str | None = None, seed: int = 0, threads: int = 2,
                  amp: bool = True, progress: bool = True, live: bool = False, plot_every_s: float = 10.0,
-                 previous_predictions=None, cycles: int = 0):
+                 previous_predictions=None, cycles: int = 0, recipe: str = 'v2', patience: int | None = None,
+                 pretrained_weights=None):
         self.preprocessed_dir, self.configuration, self.fold = Path(preprocessed_dir), configuration, fold
         hint = 'train on the folder `nnlite preprocess` wrote'
-        self.plans = read_json(self.preprocessed_dir / 'plans.json', hint=hint)
+        self.plans = load_plans(self.preprocessed_dir / 'plans.json')
         self.dataset_json = read_json(self.preprocessed_dir / 'dataset.json', hint=hint)
         self.config = Configuration.from_plans(self.plans, configuration, self.dataset_json)
         self.data_folder = self.preprocessed_dir / self.config.preprocessed_folder
@@ -417,6 +515,7 @@ class Trainer:
                 f"be ≥ 1, val_iterations ({val_iterations}) ≥ 0"
             )
         if cycles: cycle_lengths(epochs, cycles)     # refuses a schedule without room for the cycles
+        check_recipe(recipe, patience, cycles, val_iterations)
         self.epochs, self.iterations, self.val_iterations = epochs, iterations, val_iterations
         self.cycles = cycles
         self.save_every, self.seed, self.threads = save_every, seed, threads
@@ -440,13 +539,16 @@ class Trainer:
         self.regions = self.settings['regions'] is not None
         self.ignore_label = self.dataset_json['labels'].get('ignore')
         self.class_names = class_names(self.dataset_json)
-        self.loss_fn = loss_function(self.dataset_json, self.config.batch_dice, self.regions,
-                                     all_ranks=self.world > 1)
         # the same seed, the same initial weights; the global RNG stays
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.network = build_network(self.config, self.dataset_json).to(self.device)
-        self.optimizer = make_optimizer(self.network.parameters())
+        self.pretrained_weights = Path(pretrained_weights) if pretrained_weights is not None else None
+        if self.pretrained_weights is not None:
+            load_pretrained_weights(self.network, self.pretrained_weights)
+            if self.progress and self.rank == 0:
+                print(f"{self.pretrained_weights}: weights loaded, all but the segmentation heads")
+        self.set_recipe(recipe, patience)          # the optimiser, the loss, the rules' states
         self.amp_dtype = amp_dtype(self.device) if amp else None
         self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
         self.model = DistributedDataParallel(self.network) if self.world > 1 else self.network
@@ -470,6 +572,26 @@ class Trainer:
                     f"train {previous} fold {fold} first (its validation predicts it: nnlite train "
                     f"{self.preprocessed_dir} -c {previous} -f {fold})")
         return folder
+
+# %% ../nbs/08_training.ipynb #b8694f6e
+@patch
+def set_recipe(self: Trainer, recipe: str = 'v2', patience: int | None = None):
+    """Train with `recipe` and, with `patience`, early stopping: a fresh optimiser (SGD or Adam), the loss
+    with the recipe's Dice (per sample for paper2018), and the rules' states. `load_final` calls it with the
+    recipe of a checkpoint."""
+    check_recipe(recipe, patience, self.cycles, self.val_iterations)
+    self.recipe, self.patience, self.stop_reason = recipe, patience, None
+    self.batch_dice = self.config.batch_dice if recipe == 'v2' else False
+    self.loss_fn = loss_function(self.dataset_json, self.batch_dice, self.regions, all_ranks=self.world > 1)
+    self.optimizer = (make_optimizer if recipe == 'v2' else make_adam)(self.network.parameters())
+    self.plateau = PlateauState() if recipe == 'paper2018' else None
+    self.early_stopping = EarlyStoppingState() if patience is not None else None
+
+@patch
+def epoch_lr(self: Trainer) -> float:
+    "The learning rate of the current epoch: v2's poly (or cyclic) rate, or the 2018 plateau rule's."
+    if self.plateau is not None: return self.plateau.lr
+    return learning_rate(self.epoch, self.epochs, self.cycles)
 
 # %% ../nbs/08_training.ipynb #cc818eec
 @patch
@@ -522,10 +644,25 @@ def _sum_over_ranks(self: Trainer, x: torch.Tensor) -> torch.Tensor:
     return x
 
 @patch
+def rules_stop(self: Trainer, epoch: int) -> str | None:
+    "Why the run ends after `epoch`: the 2018 rate fell below 1e-6, or patience ran out (None: it goes on)."
+    by_rate = learning_rate_stop(self.plateau, epoch) if self.plateau is not None else None
+    return by_rate or (patience_stop(self.early_stopping, self.patience) if self.early_stopping else None)
+
+@patch
+def advance_recipe(self: Trainer, row: dict):
+    """After an epoch: the plateau rule takes its training loss (paper2018), early stopping its validation
+    pseudo-Dice EMA (with `patience`); `stop_reason` is set when one of them ends the run."""
+    if self.plateau is not None: self.plateau = plateau_step(self.plateau, row['train_loss'])
+    if self.early_stopping is not None:
+        self.early_stopping = early_stopping_step(self.early_stopping, row['ema_fg_dice'], row['epoch'])
+    self.stop_reason = self.rules_stop(row['epoch'])
+
+@patch
 def run_epoch(self: Trainer, train: TrainingBatches, val: TrainingBatches) -> dict:
     "Train and validate one epoch; its log row."
     start, epoch = time.time(), self.epoch
-    lr = learning_rate(epoch, self.epochs, self.cycles); set_lr(self.optimizer, lr)
+    lr = self.epoch_lr(); set_lr(self.optimizer, lr)
     self.model.train()
     train_loss = torch.zeros((), device=self.device)
     no_bar = not self.progress or self.rank != 0
@@ -548,9 +685,18 @@ def run_epoch(self: Trainer, train: TrainingBatches, val: TrainingBatches) -> di
            'lr': lr, 'epoch_time': time.time() - start}
     self.log.append(row)
     self.epoch += 1
+    self.advance_recipe(row)
     return row
 
 # %% ../nbs/08_training.ipynb #e987ca63
+@patch
+def recipe_state(self: Trainer) -> dict:
+    "The rules' state for a checkpoint: the current rate, the plateau and early-stopping states, the stop."
+    return {'lr': self.optimizer.param_groups[0]['lr'],
+            'plateau': asdict(self.plateau) if self.plateau is not None else None,
+            'early_stopping': asdict(self.early_stopping) if self.early_stopping is not None else None,
+            'stop_reason': self.stop_reason}
+
 @patch
 def state(self: Trainer) -> dict:
     """Everything to continue this run or to predict with it (weights_only-loadable). The names
@@ -568,8 +714,13 @@ def state(self: Trainer) -> dict:
         'trainer_name': 'nnUNetTrainer',
         'inference_allowed_mirroring_axes': self.config.mirror_axes,
         'schedule': {'epochs': self.epochs, 'iterations': self.iterations,
-                     'val_iterations': self.val_iterations, 'initial_lr': INITIAL_LR, 'exponent': 0.9,
-                     'cycles': self.cycles},
+                     'val_iterations': self.val_iterations, 'cycles': self.cycles,
+                     'initial_lr': INITIAL_LR if self.recipe == 'v2' else PAPER_LR,
+                     'exponent': 0.9 if self.recipe == 'v2' else None},
+        'recipe': self.recipe,
+        'patience': self.patience,
+        'recipe_state': self.recipe_state(),
+        'pretrained_weights': str(self.pretrained_weights) if self.pretrained_weights is not None else None,
         'seed': self.seed,
         'world_size': self.world,
         'rng_state': torch.get_rng_state(),
@@ -577,6 +728,22 @@ def state(self: Trainer) -> dict:
     }
 
 # %% ../nbs/08_training.ipynb #3e46e2d7
+@patch
+def restore_recipe(self: Trainer, checkpoint: dict, path=''):
+    """The rules' states of a checkpoint of this recipe, after its log: as saved, or (a checkpoint without
+    them, or with other patience) replayed from the log, which they are a function of."""
+    saved = checkpoint.get('recipe_state') or {}
+    if self.plateau is not None:
+        self.plateau = PlateauState(**saved['plateau']) if saved.get('plateau') else replay_plateau(self.log)
+    same_patience = checkpoint.get('patience') == self.patience
+    if self.early_stopping is not None:
+        kept = same_patience and saved.get('early_stopping')
+        self.early_stopping = EarlyStoppingState(**kept) if kept else replay_early_stopping(self.log)
+    if not same_patience and self.rank == 0:
+        print(f"{path}: trained with patience {checkpoint.get('patience')}, continuing with {self.patience}")
+    self.stop_reason = saved.get('stop_reason')
+    if self.stop_reason is None and self.log: self.stop_reason = self.rules_stop(self.log[-1]['epoch'])
+
 @patch
 def load_state(self: Trainer, checkpoint: dict, path=''):
     "Continue from a checkpoint of this same configuration (`path` names it in errors)."
@@ -587,6 +754,9 @@ def load_state(self: Trainer, checkpoint: dict, path=''):
     if args.get('plans') != self.plans or args.get('configuration') != self.configuration:
         raise ValueError(
             f"{path}: was trained with other plans or another configuration than {self.preprocessed_dir}")
+    if (recipe := checkpoint.get('recipe', 'v2')) != self.recipe:
+        raise ValueError(f"{path}: was trained with the {recipe} recipe, not {self.recipe}; continue it with "
+                         f"recipe {recipe!r} (--recipe {recipe}) or train into another folder")
     try:
         load_reference_weights(self.network, checkpoint['network_weights'])
         self.optimizer.load_state_dict(checkpoint['optimizer_state'])
@@ -598,9 +768,10 @@ def load_state(self: Trainer, checkpoint: dict, path=''):
     self.epoch, self.log, self.best_ema = (checkpoint['current_epoch'], list(checkpoint['log']),
                                            checkpoint.get('_best_ema'))
     if 'rng_state' in checkpoint: torch.set_rng_state(checkpoint['rng_state'].cpu())
+    self.restore_recipe(checkpoint, path)
     saved = checkpoint.get('schedule', {})
     saved = (saved.get('epochs', self.epochs), saved.get('cycles', 0))
-    if saved != (self.epochs, self.cycles) and self.rank == 0:
+    if saved != (self.epochs, self.cycles) and self.rank == 0 and self.recipe == 'v2':
         print(f"{path}: trained for a schedule of {saved[0]} epochs with {saved[1]} cycles, continuing with "
               f"{self.epochs} and {self.cycles}: the learning rate now follows "
               f"learning_rate(epoch, {self.epochs}, {self.cycles})")
@@ -650,25 +821,107 @@ def draw_progress(self: Trainer):
     self._last_plot = time.time()
 
 @patch
-def _claim_model_folder(self: Trainer):
-    """Refuse a model folder whose plans.json or dataset.json are not ours (its folds would mix with
-    ours), then write them (and the fingerprint) beside the fold folders, as prediction needs them."""
+def check_model_folder(self: Trainer):
+    "Refuse a model folder whose plans.json or dataset.json are not ours: its folds would mix with ours."
     model_dir = self.output_dir.parent
     for name, ours in (('plans.json', self.plans), ('dataset.json', self.dataset_json)):
         theirs = model_dir / name
         if theirs.is_file() and read_json(theirs) != ours:
             raise ValueError(f"{theirs}: this model folder holds other {name.removesuffix('.json')} than "
                              f"{self.preprocessed_dir / name}; train into another model folder (-o)")
+
+@patch
+def _claim_model_folder(self: Trainer):
+    """Check the model folder, then write our plans and dataset.json (and the fingerprint) beside the fold
+    folders, as prediction needs them."""
+    self.check_model_folder()
+    model_dir = self.output_dir.parent
     write_json(model_dir / 'plans.json', self.plans)
     write_json(model_dir / 'dataset.json', self.dataset_json)
     fingerprint = self.preprocessed_dir / 'dataset_fingerprint.json'
     if fingerprint.is_file(): atomic_write_text(model_dir / fingerprint.name, fingerprint.read_text())
 
+# %% ../nbs/08_training.ipynb #8af13978
+LOCK_NAME = '.training.lock'
+
+def process_alive(pid: int) -> bool:
+    "Does process `pid` exist on this machine? (signal 0 checks without sending anything)"
+    if pid <= 0: return False                          # 0 and below name process groups, not a process
+    try: os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError): return False
+    except PermissionError: return True                # another user's process
+    return True
+
+def read_lock(path) -> dict:
+    "The holder a lock file names ({'pid', 'host', 'started'}); {} while it is being written, or damaged."
+    try: holder = json.loads(Path(path).read_text())
+    except (OSError, ValueError): return {}
+    return holder if isinstance(holder, dict) else {}
+
+def lock_is_stale(holder: dict) -> bool:
+    "A lock of a process of this machine that no longer runs (a lock of another machine is never judged)."
+    pid = holder.get('pid')
+    return holder.get('host') == socket.gethostname() and isinstance(pid, int) and not process_alive(pid)
+
+def lock_refusal(path, holder: dict) -> str:
+    "The one-line refusal of a held lock."
+    who = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}" if holder
+           else "a process that has not written its name yet")
+    return (f"{path}: this fold is being trained by {who}; wait for that run to end, or delete the lock "
+            f"if it is gone")
+
+def take_over_stale_lock(path: Path, holder: dict) -> bool:
+    """Remove a stale lock, if it still is the one `holder` read (one process at a time does this, under a
+    second lock, so that two processes never both take it over); did this process remove it?"""
+    guard = path.with_name(path.name + '.takeover')
+    try: fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError: return False                # another process is taking it over
+    try:
+        if read_lock(path) != holder: return False
+        path.unlink(missing_ok=True)
+        print(f"{path}: taking over the lock of process {holder.get('pid')} on {holder.get('host')} "
+              f"(started {holder.get('started')}), which is gone")
+        return True
+    finally:
+        os.close(fd); guard.unlink(missing_ok=True)
+
+def acquire_lock(path, attempts: int = 20) -> Path:
+    "Create the lock file `path` naming this process, taking over a stale one; FileExistsError if it is held."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    holder = {}
+    for _ in range(attempts):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder and not lock_is_stale(holder):
+                raise FileExistsError(lock_refusal(path, holder)) from None
+            if not (holder and take_over_stale_lock(path, holder)): time.sleep(0.05)   # being written
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump({'pid': os.getpid(), 'host': socket.gethostname(),
+                       'started': time.strftime('%Y-%m-%d %H:%M:%S')}, f)
+        return path
+    raise FileExistsError(lock_refusal(path, holder))
+
+def release_lock(path):
+    "Remove the lock file `path` if this process holds it."
+    holder = read_lock(path)
+    if holder.get('pid') == os.getpid() and holder.get('host') == socket.gethostname():
+        Path(path).unlink(missing_ok=True)
+
+@contextmanager
+def training_lock(folder):
+    "Hold `folder/.training.lock` while the block runs: one training run per fold folder at a time."
+    path = acquire_lock(Path(folder) / LOCK_NAME)
+    try: yield path
+    finally: release_lock(path)
+
 # %% ../nbs/08_training.ipynb #24a25efb
 @patch
-def fit(self: Trainer, resume: bool = False) -> Trainer:
-    """Train for the remaining epochs (from the last checkpoint with `resume`) and save checkpoint_final.
-    `trained_now` tells afterwards whether any epoch ran."""
+def start_run(self: Trainer, resume: bool):
+    """Refuse to train over an earlier run's checkpoints unless resuming; load the checkpoint to resume; claim
+    the model folder."""
     if not resume and self.checkpoints():
         raise ValueError(
             f"{self.output_dir}: holds checkpoints of an earlier run; resume it (--resume) or train "
@@ -677,30 +930,49 @@ def fit(self: Trainer, resume: bool = False) -> Trainer:
     if resume and (found := self.resume_checkpoint()) is not None:
         path, checkpoint = found
         self.load_state(checkpoint, path)
-        if self.rank == 0 and self.progress: print(f"resuming {path} at epoch {self.epoch}")
+        if self.rank == 0 and self.progress:
+            stopped = f": it stopped early ({self.stop_reason}), nothing to train" if self.stop_reason else ''
+            print(f"resuming {path} at epoch {self.epoch}{stopped}")
     elif resume and self.rank == 0 and self.progress:
         print(f"{self.output_dir}: no checkpoint, starting from scratch")
     if self.rank == 0:
         self._claim_model_folder(); self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_dir)   # a checkpoint being written when a run was killed
-    self.trained_now = self.epoch < self.epochs
-    if self.trained_now:
-        train, val = self.batch_streams()
-        try:
-            bar = tqdm(total=self.epochs, initial=self.epoch, desc=f'{self.configuration} fold {self.fold}',
-                       disable=not self.progress or self.rank != 0)
-            while self.epoch < self.epochs:
-                row = self.run_epoch(train, val)
-                self.after_epoch(row)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", dice=f"{row['ema_fg_dice']:.3f}")
-                bar.update()
-            bar.close()
-        finally:
-            train.close(); val.close()
-    if self.rank == 0 and (self.trained_now or not (self.output_dir / 'checkpoint_final.pth').exists()):
-        self.save('checkpoint_final.pth')
-        (self.output_dir / 'checkpoint_latest.pth').unlink(missing_ok=True)
-    self.draw_progress()
+
+@patch
+def train_epochs(self: Trainer):
+    "Run epochs until `epochs`, or until a rule of the recipe stops the run, with a progress bar."
+    train, val = self.batch_streams()
+    try:
+        bar = tqdm(total=self.epochs, initial=self.epoch, desc=f'{self.configuration} fold {self.fold}',
+                   disable=not self.progress or self.rank != 0)
+        while self.epoch < self.epochs and self.stop_reason is None:
+            row = self.run_epoch(train, val)
+            self.after_epoch(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", dice=f"{row['ema_fg_dice']:.3f}")
+            bar.update()
+        bar.close()
+    finally:
+        train.close(); val.close()
+    if self.stop_reason and self.rank == 0 and self.progress: print(f"stopped early: {self.stop_reason}")
+
+@patch
+def fit(self: Trainer, resume: bool = False) -> Trainer:
+    """Train for the remaining epochs (from the last checkpoint with `resume`) and save checkpoint_final,
+    holding the fold's lock. `trained_now` tells afterwards whether any epoch ran, `stop_reason` why the run
+    ended early."""
+    if resume and self.pretrained_weights is not None:
+        raise ValueError(f"{self.pretrained_weights}: pretrained weights start a new run, they cannot be "
+                         f"combined with resuming one; resume {self.output_dir} without them")
+    if self.rank == 0: self.check_model_folder()      # before anything is written
+    with training_lock(self.output_dir) if self.rank == 0 else nullcontext():
+        self.start_run(resume)
+        self.trained_now = self.epoch < self.epochs and self.stop_reason is None
+        if self.trained_now: self.train_epochs()
+        if self.rank == 0 and (self.trained_now or not (self.output_dir / 'checkpoint_final.pth').exists()):
+            self.save('checkpoint_final.pth')
+            (self.output_dir / 'checkpoint_latest.pth').unlink(missing_ok=True)
+        self.draw_progress()
     if self.world > 1 and not ranks_agree(self.network):
         raise RuntimeError("the processes of this distributed run hold different weights")
     return self
@@ -718,7 +990,7 @@ def ranks_agree(module: torch.nn.Module) -> bool:
 @patch
 def load_final(self: Trainer) -> Trainer:
     """Load this fold's finished run (checkpoint_final.pth) to predict with; nothing is trained (`trained_now`
-    is False) and the schedule is the checkpoint's."""
+    is False) and the schedule and recipe are the checkpoint's."""
     path = self.output_dir / 'checkpoint_final.pth'
     if not path.is_file():
         raise FileNotFoundError(
@@ -726,6 +998,33 @@ def load_final(self: Trainer) -> Trainer:
     checkpoint = load_checkpoint(path)
     self.epochs = checkpoint.get('schedule', {}).get('epochs', checkpoint.get('current_epoch', self.epochs))
     self.cycles = checkpoint.get('schedule', {}).get('cycles', 0)
+    self.set_recipe(checkpoint.get('recipe', 'v2'), checkpoint.get('patience'))
     self.load_state(checkpoint, path)
     self.trained_now = False
     return self
+
+# %% ../nbs/08_training.ipynb #c7156532
+HEAD_KEY = '.seg_layers.'     # in the reference's names, the output layers that fine-tuning never loads
+
+def load_pretrained_weights(network: torch.nn.Module, path) -> torch.nn.Module:
+    """Load the weights of a checkpoint (ours or nnU-Net v2's) into `network`, all but the segmentation heads,
+    as nnU-Net v2's `load_pretrained_weights`: every other weight of the network must be in the checkpoint
+    under the reference's name, with the same shape; a one-line error names the file, the weight and both
+    shapes."""
+    checkpoint = load_checkpoint(path)
+    weights = checkpoint.get('network_weights') if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: holds no network_weights (not a checkpoint of nnU-Net v2 or nnunet_lite)")
+    module = network.module if isinstance(network, DistributedDataParallel) else network
+    for name, value in reference_state_dict(module).items():     # every name the reference network has
+        if HEAD_KEY in name: continue
+        if name not in weights:
+            raise ValueError(f"{path}: has no weight {name}, which this network needs (another architecture)")
+        if tuple(weights[name].shape) != tuple(value.shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)} there and "
+                             f"{tuple(value.shape)} in this network (other input channels or topology)")
+    ours = module.state_dict()
+    for key in ours:
+        if HEAD_KEY not in reference_key(key): ours[key] = weights[reference_key(key)]
+    module.load_state_dict(ours)
+    return network

@@ -210,4 +210,5 @@ def test_the_convert_msd_command_writes_beside_the_task(tasks, tmp_path):
     r = nnlite('convert-msd', task, '-q')                            # the id is taken now
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and 'is taken' in r.stderr
     r = nnlite('convert-msd', task, tmp_path / 'elsewhere', '--id', 501, '-q')
-    assert r.returncode == 0 and (tmp_path / 'elsewhere' / 'Dataset501_BrainTumour' / 'dataset.json').is_file()
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'elsewhere' / 'Dataset501_BrainTumour' / 'dataset.json').is_file()
