@@ -576,9 +576,9 @@ def plans_problem(plans) -> str | None:
             return f"configuration {name!r}: its 'architecture' has no network_class_name or arch_kwargs"
     return None
 
-def load_plans(path) -> dict:
+def load_plans(path, hint: str = '') -> dict:
     "A plans.json, once checked to hold what the later stages read (else a one-line error naming it)."
-    plans = read_json(path, 'plans file')
+    plans = read_json(path, 'plans file', hint)
     if (problem := plans_problem(plans)) is not None: raise ValueError(f"{path}: {problem}")
     return plans
 

@@ -502,7 +502,7 @@ class Trainer:
                  pretrained_weights=None):
         self.preprocessed_dir, self.configuration, self.fold = Path(preprocessed_dir), configuration, fold
         hint = 'train on the folder `nnlite preprocess` wrote'
-        self.plans = load_plans(self.preprocessed_dir / 'plans.json')
+        self.plans = load_plans(self.preprocessed_dir / 'plans.json', hint)
         self.dataset_json = read_json(self.preprocessed_dir / 'dataset.json', hint=hint)
         self.config = Configuration.from_plans(self.plans, configuration, self.dataset_json)
         self.data_folder = self.preprocessed_dir / self.config.preprocessed_folder

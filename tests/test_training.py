@@ -139,7 +139,8 @@ def test_killed_after_the_last_best_checkpoint_still_finishes(tiny3d, tmp_path):
 
 def test_cli_train_errors_are_one_line(tiny3d, tmp_path):
     r = nnlite('train', tmp_path / 'nowhere', '-q')
-    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:') and 'plans.json: not found' in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith('nnlite: error:'), r.stderr
+    assert 'plans.json: plans file not found (train on the folder `nnlite preprocess` wrote)' in r.stderr
     r = nnlite('train', tiny3d, '-c', '3d_fullres', '-f', '7', '-q', '-o', tmp_path / 'x')
     assert r.returncode == 1 and 'fold 7 does not exist' in r.stderr
     r = nnlite('train', tiny3d, '-c', '2d', '-q', '-o', tmp_path / 'x')
