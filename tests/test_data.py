@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from nnunet_lite import data
 from nnunet_lite.data import (DatasetError, Geometry, check_dataset, make_synthetic_dataset, read_file,
                               read_image, read_label, synth_spec, synthetic_case, training_cases,
-                              verify_dataset, write_file, write_image, write_label)
+                              verify_dataset, write_file, write_label)
 
 
 def random_direction(rng):

@@ -23,6 +23,7 @@ from nnunet_lite.training import (LOCK_NAME, MIN_LR, PAPER_LR, EarlyStoppingStat
                                   read_lock, replay_early_stopping)
 
 from cli_runner import start
+from interrupt import interrupt_at
 
 CONFIG = '3d_fullres'
 SHORT = dict(iterations=1, val_iterations=1, progress=False)
@@ -123,14 +124,7 @@ def test_paper2018_trainer_uses_adam_and_the_dice_per_sample(tiny3d, tmp_path):
 
 def stoppable(tiny3d, out, stop_at=None, **kwargs):
     "A trainer that raises KeyboardInterrupt once `stop_at` epochs are done (as if Ctrl-C were pressed)."
-    t = Trainer(tiny3d, CONFIG, 0, output_dir=out, save_every=1, **SHORT, **kwargs)
-    if stop_at is not None:
-        plain_after_epoch = t.after_epoch
-        def after_epoch(row):
-            plain_after_epoch(row)
-            if t.epoch == stop_at: raise KeyboardInterrupt
-        t.after_epoch = after_epoch
-    return t
+    return interrupt_at(Trainer(tiny3d, CONFIG, 0, output_dir=out, save_every=1, **SHORT, **kwargs), stop_at)
 
 
 def test_paper2018_killed_and_resumed_equals_an_uninterrupted_run(tiny3d, tmp_path):

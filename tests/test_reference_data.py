@@ -1,6 +1,5 @@
 """Conformance of nnunet_lite.data with the reference package nnunetv2: its readers, file listing and
 integrity check."""
-import json
 
 import numpy as np
 import pytest

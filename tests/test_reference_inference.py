@@ -2,7 +2,6 @@
 sliding window (with mirroring) of the reference predictor on the same network weights."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 

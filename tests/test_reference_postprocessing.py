@@ -1,7 +1,6 @@
 """Post-processing against nnU-Net v2: the largest-component operation, the steps determine_postprocessing
 chooses, and the `nnlite postprocess` commands."""
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np

@@ -18,6 +18,7 @@ from nnunet_lite.network import reference_key, reference_state_dict
 from nnunet_lite.training import Trainer, load_checkpoint, save_checkpoint
 
 from cli_runner import environment, nnlite, start
+from interrupt import interrupt_at
 
 
 def preprocessed(root: Path, kind: str, configuration: str, **synth) -> Path:
@@ -129,7 +130,7 @@ def test_resume_refuses_other_plans(tiny3d, tmp_path):
 def test_killed_after_the_last_best_checkpoint_still_finishes(tiny3d, tmp_path):
     "Killed after saving checkpoint_best of its last epoch, before checkpoint_final: resume writes the final."
     short = dict(epochs=2, iterations=1, val_iterations=1, progress=False)
-    t = Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', **short).fit()
+    Trainer(tiny3d, '3d_fullres', 0, output_dir=tmp_path / 'fold_0', **short).fit()
     final = tmp_path / 'fold_0' / 'checkpoint_final.pth'
     state = load_checkpoint(final); final.unlink()
     save_checkpoint(tmp_path / 'fold_0' / 'checkpoint_best.pth', state)
@@ -248,15 +249,8 @@ def test_cyclic_run_resumed_mid_cycle_equals_an_uninterrupted_one(tiny3d, tmp_pa
     the first cycle, then resumed, gives the same snapshots and final weights, bit for bit, as a run never
     stopped."""
     def run(out, stop_at=None):
-        t = Trainer(tiny3d, '3d_fullres', 0, output_dir=out, epochs=10, iterations=2, val_iterations=1,
-                    save_every=1, progress=False, cycles=2)
-        if stop_at is not None:
-            plain_after_epoch = t.after_epoch
-            def after_epoch(row):
-                plain_after_epoch(row)
-                if t.epoch == stop_at: raise KeyboardInterrupt
-            t.after_epoch = after_epoch
-        return t
+        return interrupt_at(Trainer(tiny3d, '3d_fullres', 0, output_dir=out, epochs=10, iterations=2,
+                                    val_iterations=1, save_every=1, progress=False, cycles=2), stop_at)
     run(tmp_path / 'whole').fit()
     with pytest.raises(KeyboardInterrupt): run(tmp_path / 'stopped', stop_at=7).fit()
     assert load_checkpoint(tmp_path / 'stopped' / 'checkpoint_latest.pth')['current_epoch'] == 7
