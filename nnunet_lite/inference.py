@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,8 +498,7 @@ class FolderPrediction:
         text = f"{len(self.written)} case(s) predicted"
         if self.kept: text += f", {len(self.kept)} kept (same model and settings)"
         if self.redone:
-            reasons = {}
-            for why in self.redone.values(): reasons[why] = reasons.get(why, 0) + 1
+            reasons = Counter(self.redone.values())   # in the order they first occur
             text += ', existing outputs redone: ' + '; '.join(f'{n} {why}' for why, n in reasons.items())
         return text
 
