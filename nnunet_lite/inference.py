@@ -35,11 +35,11 @@ from .training import amp_dtype, autocast, default_device, load_checkpoint, next
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'PREDICTION_PLAN_KEYS', 'sliding_window_steps', 'gaussian_importance', 'pad_to_patch', 'tile_slices',
-           'mirror_combinations', 'predict_tile', 'sliding_window_predict', 'folder_configuration',
-           'checkpoint_configuration', 'model_folds', 'load_model', 'cascade_input', 'probabilities_file',
-           'write_prediction', 'image_size', 'prediction_memory', 'available_memory', 'check_memory', 'Predictor',
-           'weights_digest', 'record_file', 'settings_difference', 'existing_outputs', 'FolderPrediction',
-           'fold_predictor', 'predict_validation_cases']
+           'mirror_combinations', 'predict_tile', 'OneSampleNorm2d', 'OneSampleNorm3d', 'cpu_inference_network',
+           'sliding_window_predict', 'folder_configuration', 'checkpoint_configuration', 'model_folds', 'load_model',
+           'cascade_input', 'probabilities_file', 'write_prediction', 'image_size', 'prediction_memory',
+           'available_memory', 'check_memory', 'Predictor', 'weights_digest', 'record_file', 'settings_difference',
+           'existing_outputs', 'FolderPrediction', 'fold_predictor', 'predict_validation_cases']
 
 # %% ../nbs/09_inference.ipynb #519b8f19
 def sliding_window_steps(image_size, patch_size, step: float = 0.5) -> list[list[int]]:
@@ -111,7 +111,29 @@ def predict_tile(network, x: torch.Tensor, mirror_axes=(),
         out = network(torch.cat([flip(x, c) for c in chunk]))
         out = out[0] if isinstance(out, (list, tuple)) else out
         for o, c in zip(out.float().split(len(x)), chunk): total = total + flip(o, c)
-    return total / len(combos)
+    return (total / len(combos)).contiguous()   # a channels-last network's output, back in the usual order
+
+# %% ../nbs/09_inference.ipynb #84fcce7c
+def _one_sample_forward(self, x):
+    if len(x) != 1 or self.track_running_stats: return super(type(self), self).forward(x)
+    return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+class OneSampleNorm2d(torch.nn.InstanceNorm2d):
+    "InstanceNorm2d computed, for a batch of one, as batch norm over it: the same numbers, channels-last in place."
+    forward = _one_sample_forward
+
+class OneSampleNorm3d(torch.nn.InstanceNorm3d):
+    "InstanceNorm3d computed, for a batch of one, as batch norm over it: the same numbers, channels-last in place."
+    forward = _one_sample_forward
+
+def cpu_inference_network(network: torch.nn.Module) -> torch.nn.Module:
+    "`network` (changed in place) laid out for prediction on a CPU: channels-last weights, `OneSampleNorm`s."
+    dims = None
+    for m in network.modules():
+        if isinstance(m, (torch.nn.InstanceNorm3d, OneSampleNorm3d)): m.__class__, dims = OneSampleNorm3d, 3
+        elif isinstance(m, (torch.nn.InstanceNorm2d, OneSampleNorm2d)): m.__class__, dims = OneSampleNorm2d, 2
+    if dims is None: return network
+    return network.to(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
 
 # %% ../nbs/09_inference.ipynb #8f098c8e
 WEIGHTINGS = ('gaussian', 'average', 'max')
@@ -214,7 +236,8 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
         mirror_axes = tuple(ckpt.get('inference_allowed_mirroring_axes') or ())
         try: net = build_network(config, dataset_json, deep_supervision=False, initialise=False)
         except ValueError as e: raise ValueError(f"{model_dir / 'plans.json'}: {name}: {e}") from None
-        networks.append(load_reference_weights(net, ckpt['network_weights']).to(device).eval())
+        net = load_reference_weights(net, ckpt['network_weights']).to(device).eval()
+        networks.append(cpu_inference_network(net) if torch.device(device).type == 'cpu' else net)
     return {'networks': networks, 'folds': folds, 'plans': plans, 'dataset_json': dataset_json,
             'config': config, 'mirror_axes': mirror_axes}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from .data import (DatasetError, Geometry, grid_problem, atomic_write, count_nonfinite,
@@ -31,9 +32,10 @@ __all__ = ['NORMALIZERS', 'MAX_LOCATIONS_PER_CLASS', 'MIN_LOCATION_COVERAGE', 'P
            'normalize', 'new_shape_for', 'coarse_axis', 'separate_z_axis', 'resample_image_scipy',
            'interpolation_matrix', 'along_axis', 'resample_image', 'resample_label', 'linear_taps', 'sampling_classes',
            'sample_class_locations', 'target_spacing_for', 'preprocess_arrays', 'check_case_arrays', 'read_case',
-           'preprocess_case', 'logits_to_probabilities', 'segmentation_from_probabilities', 'revert', 'label_to_logits',
-           'next_stage_segmentation', 'save_case', 'load_preprocessed_case', 'case_status', 'case_is_done',
-           'input_signature', 'resume_summary', 'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
+           'preprocess_case', 'logits_to_probabilities', 'class_argmax', 'segmentation_from_probabilities',
+           'resampled_maps', 'revert', 'label_to_logits', 'next_stage_segmentation', 'save_case',
+           'load_preprocessed_case', 'case_status', 'case_is_done', 'input_signature', 'resume_summary',
+           'preprocess_dataset', 'copy_ground_truth', 'preprocessed_cases']
 
 # %% ../nbs/04_preprocessing.ipynb #756be7f2
 def transpose_case(image: np.ndarray, label: np.ndarray | None, spacing, transpose_forward):
@@ -176,6 +178,15 @@ def _in_plane(x: torch.Tensor, new_shape, axis: int | None, order: int, clip: bo
             torch.maximum(out, x.amin(dim=dims, keepdim=True)), x.amax(dim=dims, keepdim=True))
     return out
 
+def _linear_in_plane(x: torch.Tensor, new_shape, axis: int | None) -> torch.Tensor:
+    """Linear interpolation of the last three dims of `x` (c, z, y, x) to `new_shape` except `axis`, with
+    torch's `interpolate`: two taps per axis at scipy's coordinates, in one pass over the output."""
+    if axis is None:
+        return F.interpolate(x[None], size=list(new_shape), mode='trilinear', align_corners=False)[0]
+    plane = [n for a, n in enumerate(new_shape) if a != axis]
+    moved = torch.movedim(x, 1 + axis, 1)   # (c, axis, p, q): the kept axis as channels, each slice in 2D
+    return torch.movedim(F.interpolate(moved, size=plane, mode='bilinear', align_corners=False), 1, 1 + axis)
+
 def _along_separate_axis(x: torch.Tensor, n_out: int, axis: int, order: int) -> torch.Tensor:
     m = interpolation_matrix(x.shape[axis], n_out, order)
     if order == 0: return torch.index_select(x, axis, torch.as_tensor(m.argmax(1), device=x.device))
@@ -191,7 +202,8 @@ def resample_image(data, new_shape, current_spacing, new_spacing, order: int = 3
     x, was_numpy = _as_tensor(data)
     if not x.is_floating_point(): x = x.float()
     axis = separate_z_axis(current_spacing, new_spacing, force_separate_z, separate_z_anisotropy_threshold)
-    out = _in_plane(x, new_shape, axis, order)
+    # linear: a weighted mean of two neighbours per axis stays in the input's range, nothing to clip
+    out = _linear_in_plane(x, new_shape, axis) if order == 1 else _in_plane(x, new_shape, axis, order)
     if axis is not None and out.shape[1 + axis] != new_shape[axis]:
         out = _along_separate_axis(out, new_shape[axis], 1 + axis, order_z)
     return out.numpy() if was_numpy else out
@@ -420,17 +432,44 @@ def logits_to_probabilities(logits: torch.Tensor, regions: bool = False) -> torc
     "Logits (K, *spatial) -> probabilities: softmax over the classes, or a sigmoid per region."
     return torch.sigmoid(logits) if regions else torch.softmax(logits, 0)
 
-def segmentation_from_probabilities(probabilities: torch.Tensor, regions_class_order=None,
+def class_argmax(scores, dtype=torch.uint8) -> torch.Tensor:
+    """The index of the largest of K score maps (*spatial), the first one on ties, as `argmax(0)`. `scores` is
+    a (K, *spatial) tensor or any iterable of K maps (each made only when needed): one comparison per class
+    keeps two maps in memory, where a CPU `argmax(0)` over 6 maps of 78 M voxels takes 3x as long."""
+    best = label = None
+    for k, s in enumerate(scores):
+        if best is None:
+            best, label = s.clone(), torch.zeros(s.shape, dtype=dtype, device=s.device)
+            continue
+        better = s > best   # strictly: a tie keeps the earlier class
+        label[better] = k
+        torch.maximum(best, s, out=best)
+    return label
+
+def segmentation_from_probabilities(probabilities, regions_class_order=None,
                                   dtype=torch.uint8) -> torch.Tensor:
     """Probabilities (K, *spatial) -> label map (*spatial): the argmax, or for a region-based model each
-    region above 0.5 painting its label, in `regions_class_order` (later regions paint over earlier ones)."""
-    if regions_class_order is None: return probabilities.argmax(0).to(dtype)
-    seg = torch.zeros(probabilities.shape[1:], dtype=dtype, device=probabilities.device)
-    for p, label in zip(probabilities, regions_class_order): seg[p > 0.5] = label
+    region above 0.5 painting its label, in `regions_class_order` (later regions paint over earlier ones).
+    Like `class_argmax`, it takes the K maps one at a time from any iterable."""
+    if regions_class_order is None: return class_argmax(probabilities, dtype)
+    seg = None
+    for p, label in zip(probabilities, regions_class_order):
+        if seg is None: seg = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        seg[p > 0.5] = label
     return seg
 
 # %% ../nbs/04_preprocessing.ipynb #cff0c1ad
 PROBABILITY_RESAMPLING = {'order': 1, 'order_z': 0, 'force_separate_z': None}
+
+def resampled_maps(x: torch.Tensor, new_shape, current_spacing, new_spacing, resampling: dict,
+                   regions: bool = False):
+    """Logits (K, *spatial) resampled to `new_shape` one class at a time (a generator): what a label map
+    needs, without K full-size maps at once. Softmax keeps each voxel's order of the classes, so the argmax
+    is taken on the logits (the reference takes it on the probabilities; they differ only where two
+    probabilities round to the same float); a region's map goes through its sigmoid."""
+    for k in range(len(x)):
+        m = resample_image(x[k:k + 1].float(), new_shape, current_spacing, new_spacing, **resampling)[0]
+        yield torch.sigmoid(m) if regions else m
 
 def revert(logits, properties: dict, config: Configuration | None = None, return_probabilities: bool = False,
            regions_class_order=None):
@@ -445,15 +484,18 @@ def revert(logits, properties: dict, config: Configuration | None = None, return
             f"logits of shape {list(x.shape[1:])} do not match the preprocessed case"
             f" ({properties['shape_after_resampling']})"
         )
-    x = resample_image(x.float(), properties['shape_after_cropping_and_before_resampling'],
-                       properties['spacing_after_resampling'], properties['spacing_before_resampling'], **kw)
+    grid = (properties['shape_after_cropping_and_before_resampling'], properties['spacing_after_resampling'],
+            properties['spacing_before_resampling'])
     regions = regions_class_order is not None
-    probabilities = logits_to_probabilities(x, regions)
+    if return_probabilities:
+        probabilities = maps = logits_to_probabilities(resample_image(x.float(), *grid, **kw), regions)
+    else:
+        maps = resampled_maps(x, *grid, kw, regions)
     box = tuple(slice(a, b) for a, b in properties['bbox_used_for_cropping'])
-    small = (max(regions_class_order) if regions else len(probabilities)) <= 255   # labels 0..254 fit a uint8
+    small = (max(regions_class_order) if regions else len(x)) <= 255   # labels 0..254 fit a uint8
     full = torch.zeros(
         properties['shape_before_cropping'], dtype=torch.uint8 if small else torch.int32, device=x.device)
-    full[box] = segmentation_from_probabilities(probabilities, regions_class_order, full.dtype)
+    full[box] = segmentation_from_probabilities(maps, regions_class_order, full.dtype)
     back = properties['transpose_backward']
     label = full.permute(*back).cpu().numpy().astype(np.uint8 if small else np.uint16)
     if not return_probabilities: return label
@@ -481,10 +523,8 @@ def next_stage_segmentation(logits, properties: dict, config: Configuration, nex
     target = target_spacing_for(next_config, spacing)
     shape = new_shape_for(properties['shape_after_cropping_and_before_resampling'], spacing, target)
     x, _ = _as_tensor(logits)
-    x = resample_image(x.float(), shape, own, own, **config.resampling['probabilities'])
-    regions = regions_class_order is not None
-    return segmentation_from_probabilities(
-        logits_to_probabilities(x, regions) if regions else x, regions_class_order).cpu().numpy()
+    maps = resampled_maps(x, shape, own, own, config.resampling['probabilities'], regions_class_order is not None)
+    return segmentation_from_probabilities(maps, regions_class_order).cpu().numpy()
 
 # %% ../nbs/04_preprocessing.ipynb #b9926de2
 def _save_npy(path: Path, array: np.ndarray) -> Path:
