@@ -8,6 +8,7 @@ memory.
     python bench/predict_large.py --device cuda --cases 4 --folds 0 1 2 3 4
     python bench/predict_large.py --small --avx2         # both tools on the float32 AVX2 kernels (a laptop's path)
     python bench/predict_large.py --small --stages       # and where the time goes, stage by stage, in each tool
+    python bench/predict_large.py --predict-shape 96 256 256 --no-mirroring   # the real network, a smaller image
 
 What it does
 ------------
@@ -58,7 +59,8 @@ faster), A = voxels equal over all cases.
 On a CPU the network dominates: the full-size default is 180 tiles x 8 mirrorings of an 80 x 160 x 160 patch, i.e.
 1440 forward passes of a 6-stage, 32-320-feature U-Net (1.1 TFLOP each), hours per run on a few cores. `--max-features` caps
 the features per stage (not the reference plan then: said in the output) to measure reading, resampling and export
-of a real-size image on a small machine; `--no-mirroring` cuts the network time by 8 for both.
+of a real-size image on a small machine; `--no-mirroring` cuts the network time by 8 for both; `--predict-shape`
+keeps the plan (made for `--shape`) and predicts smaller images, to time the real network in minutes.
 """
 from __future__ import annotations
 
@@ -97,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument('--small', action='store_true',
                    help='a quick smoke run: 64 x 160 x 160 images, a plan for them, features capped at 8 '
                         '(unless --max-features says otherwise)')
+    p.add_argument('--predict-shape', type=int, nargs=3, default=None, metavar=('Z', 'Y', 'X'),
+                   help='voxels of the images predicted (default --shape): the plan of a real-size dataset on a '
+                        'smaller field of view, to time the real network on a small CPU')
     p.add_argument('--cases', type=int, default=1, help='images to predict (default 1)')
     p.add_argument('--folds', nargs='+', default=['0'], help='folds of the model, all used by both (default 0)')
     p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
@@ -121,6 +126,7 @@ def parse_args(argv=None):
     p.add_argument('--keep', action='store_true', help='keep the temporary working folder')
     args = p.parse_args(argv)
     if args.shape is None: args.shape = [64, 160, 160] if args.small else [300, 512, 512]
+    args.predict_shape = args.predict_shape or args.shape
     if args.max_features is None and args.small: args.max_features = 8
     args.max_features = args.max_features or None
     args.folds = [f if f == 'all' else str(int(f)) for f in args.folds]
@@ -346,7 +352,7 @@ def build_model(args, root: Path, plans: dict, dataset_json: dict) -> Path:
 
 def build(args, root: Path) -> tuple[Path, Path, dict]:
     "(image folder, model folder, plans), reused from `root` when made with the same settings."
-    key = {k: getattr(args, k) for k in ('shape', 'spacing', 'cases', 'folds', 'train_steps', 'max_features', 'seed')}
+    key = {k: getattr(args, k) for k in ('shape', 'predict_shape', 'spacing', 'cases', 'folds', 'train_steps', 'max_features', 'seed')}
     key['device'] = args.device.split(':')[0]
     done = root / 'ready.json'
     model, images = root / MODEL_SUBDIR, root / 'imagesTs'
@@ -373,8 +379,8 @@ def build(args, root: Path) -> tuple[Path, Path, dict]:
         print(f"  --max-features {args.max_features}: features {arch['features_per_stage']} (NOT the reference's plan)")
     build_model(args, root, plans, dataset_json)
     t0 = time.perf_counter()
-    files = write_images(images, args.cases, args.shape, args.spacing, args.seed)
-    print(f"images: {args.cases} x {args.shape} at {args.spacing} mm (int16, "
+    files = write_images(images, args.cases, args.predict_shape, args.spacing, args.seed)
+    print(f"images: {args.cases} x {args.predict_shape} at {args.spacing} mm (int16, "
           f"{sum(f.stat().st_size for f in files) / 1e6:.0f} MB gzipped; {time.perf_counter() - t0:.0f} s to make)")
     done.write_text(json.dumps(key))
     return images, model, plans

@@ -105,13 +105,16 @@ def predict_tile(network, x: torch.Tensor, mirror_axes=(),
     combos = mirror_combinations(mirror_axes)
     per = copies_per_batch or (len(combos) if x.is_cuda else 1)
     flip = lambda t, c: torch.flip(t, [a + 2 for a in c]) if c else t
-    total = 0
+    total = None
     for i in range(0, len(combos), per):
         chunk = combos[i:i + per]
         out = network(torch.cat([flip(x, c) for c in chunk]))
         out = out[0] if isinstance(out, (list, tuple)) else out
-        for o, c in zip(out.float().split(len(x)), chunk): total = total + flip(o, c)
-    return (total / len(combos)).contiguous()   # a channels-last network's output, back in the usual order
+        for o, c in zip(out.split(len(x)), chunk):
+            if total is None:   # float32 in the usual order, whatever the network's precision and layout
+                total = torch.empty(o.shape, dtype=torch.float32, device=o.device).copy_(flip(o, c))
+            else: total += flip(o, c)
+    return total if len(combos) == 1 else total.div_(len(combos))
 
 # %% ../nbs/09_inference.ipynb #84fcce7c
 def _one_sample_forward(self, x):
@@ -172,9 +175,9 @@ def sliding_window_predict(network, data, patch_size, step: float = 0.5, mirror_
         if weighting == 'max':
             logits[where] = torch.maximum(logits[where], pred.to(dtype))
         else:
-            logits[where] += pred * w
+            logits[where].addcmul_(pred, w)   # in place, without a temporary
             weights[tile] += w
-    logits = logits.float() if weighting == 'max' else logits.float() / weights.float()
+    logits = logits.float() if weighting == 'max' else logits.float().div_(weights)
     return logits[(slice(None), *undo[1:])]
 
 # %% ../nbs/09_inference.ipynb #7ddf7cbd
@@ -216,7 +219,8 @@ def model_folds(model_dir, checkpoint: str = 'checkpoint_final.pth') -> list:
     return [int(f) if f.isdigit() else f for f in found]
 
 def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', device='cpu') -> dict:
-    """The networks of a model folder's folds (eval mode, on `device`) with the plans, dataset.json,
+    """The networks of a model folder's folds (eval mode, on `device`; on a CPU laid out by
+    `cpu_inference_network`) with the plans, dataset.json,
     configuration (`config`, resolved) and mirror axes they were trained with."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir(): raise FileNotFoundError(f"{model_dir}: no such model folder")
