@@ -31,7 +31,7 @@ from .inference import FolderPrediction, Predictor
 from .uncertainty import METHODS, UncertaintyPredictor, score_quality, uncertainty_figure, uncertainty_table
 from .plans import PRESETS, describe_plans, load_plans, plan_dataset, save_plans, write_plans
 from .course import (build_site, check_exercises, exercises_table, grade_notebook, grade_table,
-                                stage_notebooks, write_student_notebooks)
+                                notebook_path, stage_notebooks, write_student_notebooks)
 from .postprocessing import determine_postprocessing, postprocess_folder
 from .preprocessing import load_preprocessed_case, preprocess_dataset, preprocessed_cases
 from .training import (EPOCHS, ITERATIONS, RECIPES, SAVE_EVERY, VAL_ITERATIONS, Trainer,
@@ -681,16 +681,18 @@ def add_course_command(sub):
     st = actions.add_parser('student', help="write the student notebooks (solutions replaced by stubs)")
     st.add_argument('out_dir', type=Path)
     gr = actions.add_parser('grade', help='run a notebook in a fresh kernel and grade its exercises')
-    gr.add_argument('notebook', type=Path)
+    gr.add_argument('notebook', type=Path, help='a notebook file, or a stage notebook\'s name (01_viz)')
     gr.add_argument('--json', action='store_true', help='print the report as JSON')
     gr.add_argument('--timeout', type=int, default=1800, help='seconds one cell may run (default 1800)')
     ch = actions.add_parser('check', help='every solution passes its tests and every stub fails them')
-    ch.add_argument('notebooks', type=Path, nargs='*', help='default: every stage notebook')
+    ch.add_argument('notebooks', type=Path, nargs='*',
+                    help='files or names (01_viz); default: every stage notebook')
     si = actions.add_parser('site', help='run the notebooks and write them as HTML pages with an index.html')
     si.add_argument('out_dir', type=Path)
     si.add_argument('--only', nargs='+', default=None, help='these notebooks only (names, e.g. 01_viz)')
     si.add_argument('--no-execute', action='store_true', help='convert without running (no outputs)')
-    for q in (st, ch, si): q.add_argument('--source', type=Path, default=None, help='folder of the notebooks')
+    for q in (st, gr, ch, si):
+        q.add_argument('--source', type=Path, default=None, help='folder of the notebooks')
     si.add_argument('-q', '--quiet', action='store_true')
     c.set_defaults(func=cmd_course)
 
@@ -701,11 +703,11 @@ def cmd_course(args) -> int:
         print(f"{len(written)} student notebooks, {count} exercises -> {args.out_dir}")
         return 0
     if args.action == 'grade':
-        report = grade_notebook(args.notebook, timeout=args.timeout)
+        report = grade_notebook(notebook_path(args.notebook, args.source), args.timeout, args.source)
         print(json.dumps(report, indent=1) if args.json else grade_table(report))
         return 0 if report['all_passed'] else 1
     if args.action == 'check':
-        paths = args.notebooks or stage_notebooks(args.source)
+        paths = [notebook_path(n, args.source) for n in args.notebooks] or stage_notebooks(args.source)
         results = [r for path in paths for r in check_exercises(path)]
         bad = [r for r in results if not (r['solution_passes'] and r['stub_fails'])]
         for r in results:

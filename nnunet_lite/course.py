@@ -6,26 +6,31 @@
 from __future__ import annotations
 
 import ast
+import functools
 import html
 import json
 import os
 import re
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from .data import atomic_write, read_json
 
 # %% auto #0
-__all__ = ['EXERCISE_MARK', 'cell_text', 'is_exercise_cell', 'Exercise', 'exercise_hint', 'exercise_functions', 'find_exercises',
-           'stub_source', 'read_notebook', 'student_notebook', 'default_notebooks_dir', 'stage_notebooks',
+__all__ = ['EXERCISE_MARK', 'KERNELSPEC', 'RUN_ALL_NOTE', 'GRADER_PREAMBLE', 'WIDGET_VIEW', 'cell_text', 'is_exercise_cell',
+           'Exercise', 'exercise_hint', 'exercise_functions', 'defines_function', 'find_exercises', 'stub_source',
+           'read_notebook', 'student_notebook', 'default_notebooks_dir', 'stage_notebooks', 'notebook_path',
            'notebook_title', 'exercises_table', 'write_student_notebooks', 'check_exercises', 'output_error',
-           'execute_notebook', 'grade_executed', 'grade_notebook', 'grade_table', 'notebook_html', 'site_index',
+           'mismatch_summary', 'summarise_array_failures', 'execute_notebook', 'grade_executed',
+           'source_exercise_names', 'grade_notebook', 'grade_table', 'static_outputs', 'notebook_html', 'site_index',
            'build_site']
 
 # %% ../nbs/15_course.ipynb #a2dffed6
@@ -58,10 +63,10 @@ class Exercise:
 
 # %% ../nbs/15_course.ipynb #8904e22a
 def exercise_hint(source: str) -> str:
-    "The text of the exercise cell's `# Hint:` line."
+    "The text of the exercise cell's `# Hint:` line ('' without one: a student may delete it)."
     for line in source.splitlines():
         if line.strip().lower().startswith('# hint:'): return line.split(':', 1)[1].strip()
-    raise ValueError(f"an exercise cell has no '# Hint: ...' line: {source.splitlines()[0:3]}")
+    return ''
 
 # %% ../nbs/15_course.ipynb #d97cf18d
 def exercise_functions(source: str) -> list[ast.FunctionDef]:
@@ -77,8 +82,16 @@ def _heading(markdown: str) -> str:
     return re.sub(r'^#+\s*', '', first).strip()
 
 # %% ../nbs/15_course.ipynb #72c0a6b5
-def find_exercises(cells: list[dict]) -> tuple[list[int], list[Exercise]]:
-    "Setup cells and exercises of the notebook's `## Exercises` section (no section: none)."
+def defines_function(cell: dict, names) -> bool:
+    "Does a code cell define one of the functions `names` at its top level?"
+    if not names or cell['cell_type'] != 'code': return False
+    try: body = ast.parse(cell_text(cell)).body
+    except SyntaxError: return False
+    return any(isinstance(node, ast.FunctionDef) and node.name in names for node in body)
+
+def find_exercises(cells: list[dict], names=()) -> tuple[list[int], list[Exercise]]:
+    """Setup cells and exercises of the notebook's `## Exercises` section (no section: none). An exercise cell
+    starts with `#| exercise` or, given the `names` of the functions the exercises ask for, defines one."""
     start = next((i for i, c in enumerate(cells)
                   if c['cell_type'] == 'markdown' and cell_text(c).lstrip().startswith('## Exercises')), None)
     if start is None: return [], []
@@ -86,7 +99,7 @@ def find_exercises(cells: list[dict]) -> tuple[list[int], list[Exercise]]:
     for i in range(start + 1, len(cells)):
         cell = cells[i]
         if cell['cell_type'] == 'markdown': heading = _heading(cell_text(cell))
-        if is_exercise_cell(cell):
+        if is_exercise_cell(cell) or defines_function(cell, names):
             source = cell_text(cell)
             name = ', '.join(f.name for f in exercise_functions(source))
             current = Exercise(name, heading or name, exercise_hint(source), i)
@@ -107,7 +120,7 @@ def stub_source(source: str, only: str | None = None) -> str:
     for function in exercise_functions(source):
         if only is not None and function.name != only: continue
         first = function.body[0]
-        message = f"Exercise {function.name}: {hint}"
+        message = f"Exercise {function.name}: {hint or 'not written yet'}"
         if _is_docstring(first): kept += lines[done:first.end_lineno]; indent = first.col_offset
         elif lines[first.lineno - 1][:first.col_offset].strip():       # `def f(x): return x` on one line
             kept += lines[done:first.lineno - 1] + [lines[first.lineno - 1][:first.col_offset].rstrip()]
@@ -126,19 +139,38 @@ def read_notebook(path) -> dict:
     return nb
 
 # %% ../nbs/15_course.ipynb #7bb8c498
+KERNELSPEC = {'display_name': 'Python 3 (ipykernel)', 'language': 'python', 'name': 'python3'}
+RUN_ALL_NOTE = ('*In this student version each exercise raises `NotImplementedError` until you write it. '
+                'Its test cells are tagged `raises-exception`, so Run All goes on past an unsolved exercise '
+                'to the end.*')
+
 def student_notebook(nb: dict) -> dict:
-    "The notebook with every exercise's solution replaced by its stub; every other cell untouched."
+    """The notebook with every exercise's solution replaced by its stub and its test cells tagged
+    `raises-exception` (Jupyter's Run All does not stop at them), a note saying so under `## Exercises`, and
+    the Python 3 kernelspec (no "Select Kernel" dialog); the other cells untouched."""
     student = json.loads(json.dumps(nb))
-    for exercise in find_exercises(student['cells'])[1]:
+    metadata = student.setdefault('metadata', {})
+    metadata['kernelspec'] = dict(KERNELSPEC)
+    metadata.setdefault('language_info', {'name': 'python'})
+    exercises = find_exercises(student['cells'])[1]
+    for exercise in exercises:
         cell = student['cells'][exercise.cell]
         cell['source'] = stub_source(cell_text(cell))
         cell['outputs'], cell['execution_count'] = [], None
+        for i in exercise.tests:
+            tags = student['cells'][i].setdefault('metadata', {}).setdefault('tags', [])
+            if 'raises-exception' not in tags: tags.append('raises-exception')
+    heading = next((c for c in student['cells'] if exercises and c['cell_type'] == 'markdown'
+                    and cell_text(c).lstrip().startswith('## Exercises')), None)
+    if heading is not None and RUN_ALL_NOTE not in cell_text(heading):
+        heading['source'] = cell_text(heading).rstrip('\n') + '\n\n' + RUN_ALL_NOTE
     return student
 
 # %% ../nbs/15_course.ipynb #4ec94bbd
 def default_notebooks_dir() -> Path:
     "The `nbs/` folder of the repository the package is installed from."
-    folder = Path(__file__).resolve().parent.parent / 'nbs'
+    import nnunet_lite   # the package's own file, also when this runs in a notebook
+    folder = Path(nnunet_lite.__file__).resolve().parent.parent / 'nbs'
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no notebooks next to the package (install from a clone, "
                                 "or pass --source)")
@@ -151,6 +183,21 @@ def stage_notebooks(nbs_dir=None) -> list[Path]:
     found = sorted(p for p in nbs_dir.glob('[0-9][0-9]_*.ipynb'))
     if not found: raise FileNotFoundError(f"{nbs_dir}: no numbered notebooks (00_*.ipynb, ...)")
     return found
+
+# %% ../nbs/15_course.ipynb #12044740
+def notebook_path(name, nbs_dir=None) -> Path:
+    """The notebook a `course` command names, by one rule for all of them: a file as given (`01_viz.ipynb`,
+    `work/01_viz.ipynb`), else the name with `.ipynb` added, else a stage notebook of that name (`01_viz`) in
+    `nbs_dir` (default: the package's `nbs/`)."""
+    path = Path(name)
+    file = path if path.suffix == '.ipynb' else path.with_name(path.name + '.ipynb')
+    for candidate in (path, file):
+        if candidate.is_file(): return candidate
+    if path.parent == Path('.'):
+        try: folder = Path(nbs_dir) if nbs_dir else default_notebooks_dir()
+        except FileNotFoundError: folder = None
+        if folder is not None and (folder / file.name).is_file(): return folder / file.name
+    raise FileNotFoundError(f"{name}: notebook not found")
 
 # %% ../nbs/15_course.ipynb #95c8a0f3
 def notebook_title(nb: dict) -> str:
@@ -264,29 +311,84 @@ def output_error(cell: dict) -> str | None:
             return message
     return None
 
+# %% ../nbs/15_course.ipynb #d04a1ba0
+def mismatch_summary(a, b, eps: float | None = None) -> str | None:
+    """Two arrays that differ (numpy, torch, lists), in one line: their shapes if those differ, else how many
+    values differ (beyond `eps`), the largest difference, the first differing index and both values there.
+    None for small or non-array arguments, whose own message is short enough."""
+    try: x, y = np.asarray(a), np.asarray(b)
+    except Exception: return None
+    if max(x.size, y.size) <= 10 or object in (x.dtype, y.dtype): return None
+    if x.shape != y.shape: return f"shapes differ: {x.shape} and {y.shape}"
+    numeric = x.dtype.kind in 'biuf' and y.dtype.kind in 'biuf'
+    gap = np.abs(x.astype(np.float64) - y.astype(np.float64)) if numeric else None
+    if numeric: differ = (gap > (eps or 0)) | (np.isnan(x.astype(float)) != np.isnan(y.astype(float)))
+    else: differ = x != y
+    if not differ.any(): return None
+    first = tuple(int(k) for k in np.argwhere(differ)[0])
+    line = f"{int(differ.sum())} of {x.size} values differ (shape {x.shape}); first at index {first}: "
+    line += f"{x[first].item()!r} and {y[first].item()!r}"
+    return line + (f"; largest difference {np.nanmax(gap):.4g}" if numeric else '')
+
+def _summarised(test):
+    @functools.wraps(test)
+    def checked(a, b, *args, **kwargs):
+        try: return test(a, b, *args, **kwargs)
+        except AssertionError:
+            eps = kwargs.get('eps', args[0] if args else 1e-5) if test.__name__ == 'test_close' else None
+            if (summary := mismatch_summary(a, b, eps)) is None: raise
+            raise AssertionError(f"{test.__name__}: {summary}") from None
+    checked.summarised = True
+    return checked
+
+def summarise_array_failures():
+    """Make fastcore's `test_eq` and `test_close` report differing arrays with `mismatch_summary` instead of
+    printing both in full (the grader runs this in the kernel before the notebook's first cell)."""
+    import fastcore.test
+    for name in ('test_eq', 'test_close'):
+        test = getattr(fastcore.test, name)
+        if not getattr(test, 'summarised', False): setattr(fastcore.test, name, _summarised(test))
+
 # %% ../nbs/15_course.ipynb #a00862d6
-def execute_notebook(nb: dict, folder, timeout: int = 600) -> dict:
-    "Run every cell of a notebook in a fresh kernel, from `folder`, past errors; the executed notebook."
+def execute_notebook(nb: dict, folder, timeout: int = 600, preamble: str | None = None) -> dict:
+    """Run every cell of a notebook in a fresh kernel, from `folder`, past errors; the executed notebook. The
+    `preamble` runs first, in a cell left out of the result."""
     import nbformat
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
+    nb = json.loads(json.dumps(nb))
+    for k, cell in enumerate(nb['cells']): cell.setdefault('id', f'cell-{k}')   # nbformat 4.5 wants ids
+    if preamble: nb['cells'].insert(0, {'cell_type': 'code', 'id': 'preamble', 'metadata': {},
+                                        'source': preamble, 'outputs': [], 'execution_count': None})
     node = nbformat.reads(json.dumps(nb), as_version=4)      # sources as strings, as nbclient expects
-    client = NotebookClient(node, timeout=timeout, kernel_name='python3', allow_errors=True,
-                            resources={'metadata': {'path': str(folder)}})
-    # the kernel draws inline even when this process runs under `MPLBACKEND=Agg` (a script, CI)
-    client.execute(env={**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'})
-    return json.loads(nbformat.writes(node))
+    with tempfile.TemporaryDirectory(prefix='nnlite-kernel-') as sockets:
+        # a local socket file, not TCP: no port open to others (and no warning from the kernel about one)
+        km = KernelManager(kernel_name='python3', transport='ipc', ip=os.path.join(sockets, 'k'))
+        client = NotebookClient(node, km=km, timeout=timeout, allow_errors=True,
+                                resources={'metadata': {'path': str(folder)}})
+        # the kernel draws inline even when this process runs under `MPLBACKEND=Agg` (a script, CI)
+        try: client.execute(env={**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'})
+        finally:
+            if km.has_kernel: km.shutdown_kernel(now=False)
+    executed = json.loads(nbformat.writes(node))
+    if preamble: executed['cells'] = executed['cells'][1:]
+    return executed
 
 # %% ../nbs/15_course.ipynb #be23edff
-def grade_executed(nb: dict, name: str = 'notebook') -> dict:
-    "The grade report of an executed notebook: each exercise passed or not, the score, other cells' errors."
+def grade_executed(nb: dict, name: str = 'notebook', names=()) -> dict:
+    """The grade report of an executed notebook: each exercise passed or not, the score, other cells' errors.
+    `names`: the functions the exercises ask for (from the teacher's notebook); one no cell defines fails."""
     cells = nb['cells']
-    _, exercises = find_exercises(cells)
+    _, exercises = find_exercises(cells, names)
     graded, in_exercises = [], set()
     for e in exercises:
         errors = [output_error(cells[i]) for i in [e.cell, *e.tests]]
         in_exercises.update([e.cell, *e.tests])
         first = next((m for m in errors if m), None)
         graded.append(dict(exercise=e.title, write=e.name, passed=first is None, message=first or ''))
+    found = {n.strip() for e in exercises for n in e.name.split(',')}
+    graded += [dict(exercise=n, write=n, passed=False,
+                    message=f"no cell of the Exercises section defines {n}") for n in names if n not in found]
     other = [dict(cell=i, message=m) for i, c in enumerate(cells)
              if i not in in_exercises and c['cell_type'] == 'code' and (m := output_error(c))]
     passed = sum(g['passed'] for g in graded)
@@ -295,13 +397,27 @@ def grade_executed(nb: dict, name: str = 'notebook') -> dict:
                 all_passed=bool(graded) and passed == len(graded) and not other)
 
 # %% ../nbs/15_course.ipynb #03c359ea
-def grade_notebook(path, timeout: int = 600) -> dict:
-    "Run a notebook in a fresh kernel from its own folder and grade its exercises."
+def source_exercise_names(path, nbs_dir=None) -> list[str]:
+    "The functions the exercises of the teacher's notebook of the same name ask for ([] when there is none)."
+    try: source = (Path(nbs_dir) if nbs_dir else default_notebooks_dir()) / Path(path).name
+    except FileNotFoundError: return []
+    if not source.is_file() or source.resolve() == Path(path).resolve(): return []
+    cells = read_notebook(source)['cells']
+    return [f.name for e in find_exercises(cells)[1] for f in exercise_functions(cell_text(cells[e.cell]))]
+
+GRADER_PREAMBLE = 'from nnunet_lite.course import summarise_array_failures; summarise_array_failures()'
+
+def grade_notebook(path, timeout: int = 600, nbs_dir=None) -> dict:
+    """Run a notebook in a fresh kernel from its own folder and grade its exercises: the `#| exercise` cells
+    and the cells defining the functions its teacher's notebook asks for (a deleted mark or hint does not
+    matter)."""
     path = Path(path); nb = read_notebook(path)
-    if not find_exercises(nb['cells'])[1]:
+    names = source_exercise_names(path, nbs_dir)
+    if not find_exercises(nb['cells'], names)[1] and not names:
         raise ValueError(f"{path}: no graded exercises (no '#| exercise' cell)")
     start = time.time()
-    report = grade_executed(execute_notebook(nb, path.parent, timeout), path.name)
+    executed = execute_notebook(nb, path.parent, timeout, preamble=GRADER_PREAMBLE)
+    report = grade_executed(executed, path.name, names)
     return {**report, 'seconds': round(time.time() - start, 1)}
 
 # %% ../nbs/15_course.ipynb #5e70ec2c
@@ -316,11 +432,24 @@ def grade_table(report: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/15_course.ipynb #487e3b95
+WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'
+
+def static_outputs(nb: dict) -> dict:
+    """The notebook with each output that is both a widget and a picture (the slice viewer) kept as the
+    picture: a page without a running kernel cannot draw the widget."""
+    nb = json.loads(json.dumps(nb))
+    for cell in nb['cells']:
+        for output in cell.get('outputs', []):
+            data = output.get('data', {})
+            if WIDGET_VIEW in data and 'image/png' in data: del data[WIDGET_VIEW]
+    return nb
+
 def notebook_html(nb: dict) -> str:
-    "One self-contained HTML page of an executed notebook (nbconvert's lab template, images embedded)."
+    """One self-contained HTML page of an executed notebook (nbconvert's lab template, images embedded; a
+    widget that carries a picture of itself shown as that picture)."""
     import nbformat
     from nbconvert import HTMLExporter
-    node = nbformat.reads(json.dumps(nb), as_version=4)
+    node = nbformat.reads(json.dumps(static_outputs(nb)), as_version=4)
     body, _ = HTMLExporter(template_name='lab').from_notebook_node(node)
     return body
 
@@ -353,7 +482,7 @@ def build_site(out_dir, nbs_dir=None, notebooks=None, execute: bool = True, time
     "Run the notebooks (all, or those named) and write one HTML page each and an index.html into `out_dir`."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     nbs_dir = Path(nbs_dir) if nbs_dir else default_notebooks_dir()
-    if notebooks: paths = [nbs_dir / (n if str(n).endswith('.ipynb') else f'{n}.ipynb') for n in notebooks]
+    if notebooks: paths = [notebook_path(n, nbs_dir) for n in notebooks]
     else: paths = [nbs_dir / 'index.ipynb', *stage_notebooks(nbs_dir)]
     pages = []
     for path in tqdm(paths, desc='notebooks', disable=not progress):

@@ -122,11 +122,11 @@ def _one_sample_forward(self, x):
     return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 class OneSampleNorm2d(torch.nn.InstanceNorm2d):
-    "InstanceNorm2d computed, for a batch of one, as batch norm over it: the same numbers, channels-last in place."
+    "InstanceNorm2d computed, for a batch of one, as batch norm over it: the same numbers, read in place."
     forward = _one_sample_forward
 
 class OneSampleNorm3d(torch.nn.InstanceNorm3d):
-    "InstanceNorm3d computed, for a batch of one, as batch norm over it: the same numbers, channels-last in place."
+    "InstanceNorm3d computed, for a batch of one, as batch norm over it: the same numbers, read in place."
     forward = _one_sample_forward
 
 def cpu_inference_network(network: torch.nn.Module) -> torch.nn.Module:

@@ -523,7 +523,8 @@ def next_stage_segmentation(logits, properties: dict, config: Configuration, nex
     target = target_spacing_for(next_config, spacing)
     shape = new_shape_for(properties['shape_after_cropping_and_before_resampling'], spacing, target)
     x, _ = _as_tensor(logits)
-    maps = resampled_maps(x, shape, own, own, config.resampling['probabilities'], regions_class_order is not None)
+    regions = regions_class_order is not None
+    maps = resampled_maps(x, shape, own, own, config.resampling['probabilities'], regions)
     return segmentation_from_probabilities(maps, regions_class_order).cpu().numpy()
 
 # %% ../nbs/04_preprocessing.ipynb #b9926de2

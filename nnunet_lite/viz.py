@@ -5,6 +5,7 @@
 # %% ../nbs/01_viz.ipynb #66e9ccad
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -243,9 +244,20 @@ class SliceViewer:
         with self.out:
             clear_output(wait=True)
             display(self.fig)
+        # the viewer owns its figure: closed, pyplot forgets it, so no later cell shows it again
+        plt.close(self.fig)
         return self.fig
 
-    def _ipython_display_(self): display(self.widget)
+    def png(self) -> bytes:
+        "The frame on display as PNG bytes."
+        buffer = io.BytesIO()
+        self.fig.savefig(buffer, format='png', dpi=self.fig.dpi)
+        return buffer.getvalue()
+
+    def _ipython_display_(self):
+        # the widget for JupyterLab, and its first frame as a picture for pages that cannot run widgets
+        bundle = self.widget._repr_mimebundle_()
+        display({**bundle, 'image/png': self.png()}, raw=True)
 
 # %% ../nbs/01_viz.ipynb #4423c50e
 def view_case(dataset_dir, case_id: str, prediction: np.ndarray | None = None, **kwargs) -> SliceViewer:

@@ -51,11 +51,18 @@ def test_student_notebooks_change_only_the_exercise_cells(tmp_path):
     assert sorted(p.name for p in out.glob('*.ipynb')) == [p.name for p in NOTEBOOKS]
     for path in NOTEBOOKS:
         source, student = read_notebook(path), read_notebook(out / path.name)
-        exercise_cells = {e.cell for e in find_exercises(source['cells'])[1]}
+        exercises = find_exercises(source['cells'])[1]
+        exercise_cells, test_cells = {e.cell for e in exercises}, {i for e in exercises for i in e.tests}
+        heading = next(i for i, c in enumerate(source['cells']) if cell_text(c).startswith('## Exercises'))
         assert len(source['cells']) == len(student['cells'])
+        assert student['metadata']['kernelspec']['name'] == 'python3'
         for i, (a, b) in enumerate(zip(source['cells'], student['cells'])):
             if i in exercise_cells:
                 assert 'raise NotImplementedError(' in cell_text(b) and cell_text(a) != cell_text(b)
+            elif i in test_cells:      # tagged, so that Run All goes past an unsolved exercise
+                assert 'raises-exception' in b['metadata']['tags'] and cell_text(a) == cell_text(b)
+            elif i == heading:
+                assert cell_text(b).startswith(cell_text(a).rstrip()) and 'Run All' in cell_text(b)
             else: assert a == b, f'{path.name} cell {i} changed'
     readme = (out / 'README.md').read_text()
     assert readme.count('\n| `') == sum(len(find_exercises(read_notebook(p)['cells'])[1]) for p in NOTEBOOKS)
@@ -81,6 +88,41 @@ def test_grade_a_student_notebook_and_its_solution(tmp_path):
     solved = ok(nnlite('course', 'grade', str(source), '--json'))
     report = json.loads(solved.stdout)
     assert report['all_passed'] and report['score'] == f'{len(exercises)}/{len(exercises)}', report
+
+
+def _toy_notebook(exercise: str, tests: str) -> dict:
+    cell = lambda kind, text: {'cell_type': kind, 'metadata': {}, 'source': text,
+                               **({'outputs': [], 'execution_count': None} if kind == 'code' else {})}
+    return {'cells': [cell('markdown', '# Toy'), cell('markdown', '## Exercises'),
+                      cell('code', 'import numpy as np\nfrom fastcore.test import test_eq'),
+                      cell('markdown', '### Exercise 1: ramp'), cell('code', exercise), cell('code', tests)],
+            'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
+
+
+def test_grader_finds_exercises_by_function_names_and_summarises_arrays(tmp_path):
+    "A student deleted the exercise mark and the hint, and wrote a wrong array answer: graded, in one line."
+    tests = 'test_eq(ramp(30), np.arange(30))'
+    source, work = tmp_path / 'src', tmp_path / 'work'
+    source.mkdir(); work.mkdir()
+    teacher = _toy_notebook('#| exercise\n# Hint: np.arange\ndef ramp(n):\n    return np.arange(n)', tests)
+    (source / '05_toy.ipynb').write_text(json.dumps(teacher))
+    checked = ok(nnlite('course', 'check', '05_toy', '--source', str(source)))      # a name, as `site --only`
+    assert '1/1 exercises' in checked.stdout
+    wrong = 'def ramp(n):\n    r = np.arange(n)\n    r[7:] += 1\n    return r'
+    (work / '05_toy.ipynb').write_text(json.dumps(_toy_notebook(wrong, tests)))
+    result = nnlite('course', 'grade', str(work / '05_toy.ipynb'), '--source', str(source), '--json')
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert 'WARNING' not in result.stderr and 'Warning' not in result.stderr, result.stderr   # a quiet kernel
+    report = json.loads(result.stdout)
+    assert (report['passed'], report['total'], report['exercises'][0]['write']) == (0, 1, 'ramp'), report
+    assert report['exercises'][0]['message'] == (
+        'AssertionError: test_eq: 23 of 30 values differ (shape (30,)); first at index (7,): 8 and 7; '
+        'largest difference 1'), report
+    (work / '05_toy.ipynb').write_text(json.dumps(_toy_notebook('x = 1', tests)))    # the function is gone
+    report = json.loads(nnlite('course', 'grade', str(work / '05_toy.ipynb'), '--source', str(source),
+                               '--json').stdout)
+    assert report['exercises'][-1] == dict(exercise='ramp', write='ramp', passed=False,
+                                           message='no cell of the Exercises section defines ramp'), report
 
 
 def test_course_errors_are_one_line(tmp_path):
