@@ -133,8 +133,8 @@ def cpu_inference_network(network: torch.nn.Module) -> torch.nn.Module:
     "`network` (changed in place) laid out for prediction on a CPU: channels-last weights, `OneSampleNorm`s."
     dims = None
     for m in network.modules():
-        if isinstance(m, (torch.nn.InstanceNorm3d, OneSampleNorm3d)): m.__class__, dims = OneSampleNorm3d, 3
-        elif isinstance(m, (torch.nn.InstanceNorm2d, OneSampleNorm2d)): m.__class__, dims = OneSampleNorm2d, 2
+        if isinstance(m, torch.nn.InstanceNorm3d): m.__class__, dims = OneSampleNorm3d, 3   # ours too
+        elif isinstance(m, torch.nn.InstanceNorm2d): m.__class__, dims = OneSampleNorm2d, 2
     if dims is None: return network
     return network.to(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
 
