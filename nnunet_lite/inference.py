@@ -249,8 +249,8 @@ def load_model(model_dir, folds=None, checkpoint: str = 'checkpoint_final.pth', 
 def cascade_input(data, previous, labels) -> torch.Tensor:
     """A preprocessed image (C, *S) with the previous stage's label map (*S) on the same grid appended as one
     channel per foreground label (C + n, *S); -1 (outside the body) and background are 0 everywhere."""
-    data = torch.as_tensor(np.asarray(data), dtype=torch.float32)
-    previous = torch.as_tensor(np.asarray(previous).astype(np.int16))[None, None]
+    data = torch.from_numpy(np.array(data, dtype=np.float32))   # a copy: the case may be a read-only memmap
+    previous = torch.from_numpy(np.asarray(previous).astype(np.int16))[None, None]
     return torch.cat([data, previous_stage_onehot(previous, labels)[0].to(data.device)], 0)
 
 # %% ../nbs/09_inference.ipynb #2ac165ea

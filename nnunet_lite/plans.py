@@ -624,6 +624,7 @@ def plot_plan(plans: dict, size: float = 3.6):
 # %% ../nbs/03_plans.ipynb #35b37d43
 def plan_explorer(n_cases: int = 40, n_classes: int = 3):
     "An ipywidgets explorer: preset, GPU memory, median shape and spacing -> the plan (figure and table)."
+    import io
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
@@ -639,6 +640,7 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
         for a, v in zip('zyx', (1.0, 0.8, 0.8))
     ]
     out = widgets.Output()
+    first = {}   # the first frame as PNG bytes
     labels = {'background': 0, **{f'class {i}': i for i in range(1, n_classes)}}
 
     def update(_=None):
@@ -651,7 +653,12 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
             clear_output(wait=True)
             print(f"{plans['plans_name']}: {PRESETS[preset.value].network}")
             display(describe_plans(plans))
-            fig = plot_plan(plans); display(fig); plt.close(fig)
+            fig = plot_plan(plans); display(fig)
+            if 'png' not in first:
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format='png', bbox_inches='tight')
+                first['png'] = buffer.getvalue()
+            plt.close(fig)
             print('cascade:',
                   'yes (3d_lowres + 3d_cascade_fullres)' if '3d_lowres' in plans['configurations'] else 'no')
 
@@ -663,4 +670,9 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
     for w in [gpu, *shape, *spacing]: w.observe(update, names='value')
     update()
     sliders = widgets.HBox([widgets.VBox(shape), widgets.VBox(spacing)])
-    return widgets.VBox([widgets.HBox([preset, gpu]), sliders, out])
+
+    class PlanExplorer(widgets.VBox):
+        def _ipython_display_(self):
+            # the widget for JupyterLab, and its first frame as a picture for pages that cannot run widgets
+            display({**self._repr_mimebundle_(), 'image/png': first['png']}, raw=True)
+    return PlanExplorer([widgets.HBox([preset, gpu]), sliders, out])

@@ -251,7 +251,7 @@ class SliceViewer:
     def png(self) -> bytes:
         "The frame on display as PNG bytes."
         buffer = io.BytesIO()
-        self.fig.savefig(buffer, format='png', dpi=self.fig.dpi)
+        self.fig.savefig(buffer, format='png', dpi=self.fig.dpi, bbox_inches='tight', pad_inches=0.05)
         return buffer.getvalue()
 
     def _ipython_display_(self):
