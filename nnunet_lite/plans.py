@@ -624,10 +624,10 @@ def plot_plan(plans: dict, size: float = 3.6):
 # %% ../nbs/03_plans.ipynb #35b37d43
 def plan_explorer(n_cases: int = 40, n_classes: int = 3):
     "An ipywidgets explorer: preset, GPU memory, median shape and spacing -> the plan (figure and table)."
-    import io
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
+    from nnunet_lite.viz import display_with_picture, figure_png
     preset = widgets.Dropdown(options=list(PRESETS), value='v2', description='preset')
     gpu = widgets.FloatSlider(value=8, min=1, max=80, step=1, description='GPU GB', continuous_update=False)
     shape = [
@@ -654,10 +654,7 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
             print(f"{plans['plans_name']}: {PRESETS[preset.value].network}")
             display(describe_plans(plans))
             fig = plot_plan(plans); display(fig)
-            if 'png' not in first:
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format='png', bbox_inches='tight')
-                first['png'] = buffer.getvalue()
+            if 'png' not in first: first['png'] = figure_png(fig)
             plt.close(fig)
             print('cascade:',
                   'yes (3d_lowres + 3d_cascade_fullres)' if '3d_lowres' in plans['configurations'] else 'no')
@@ -672,7 +669,5 @@ def plan_explorer(n_cases: int = 40, n_classes: int = 3):
     sliders = widgets.HBox([widgets.VBox(shape), widgets.VBox(spacing)])
 
     class PlanExplorer(widgets.VBox):
-        def _ipython_display_(self):
-            # the widget for JupyterLab, and its first frame as a picture for pages that cannot run widgets
-            display({**self._repr_mimebundle_(), 'image/png': first['png']}, raw=True)
+        def _ipython_display_(self): display_with_picture(self, first['png'])   # its first frame
     return PlanExplorer([widgets.HBox([preset, gpu]), sliders, out])

@@ -20,7 +20,7 @@ from .data import held_out_cases, read_dataset_json, read_image, read_label, tra
 # %% auto #0
 __all__ = ['PLANES', 'CT_WINDOW', 'take_slice', 'viewable_planes', 'slice_aspect', 'window_from_level', 'default_window',
            'label_colors', 'overlay_rgba', 'best_slice', 'show_slice', 'show_volumes', 'read_dataset_case', 'show_case',
-           'SliceViewer', 'view_case']
+           'figure_png', 'display_with_picture', 'SliceViewer', 'view_case']
 
 # %% ../nbs/01_viz.ipynb #173990c7
 PLANES = ('axial', 'coronal', 'sagittal')  # slicing array axis 0 (z), 1 (y), 2 (x)
@@ -173,6 +173,18 @@ def show_case(dataset_dir, case_id: str, axes=(0, 1, 2), **kwargs):
     modality = names.get('0') if len(names) == 1 else None
     return show_volumes(panels, geometry.spacing, axes, label_names=d['labels'], modality=modality, **kwargs)
 
+# %% ../nbs/01_viz.ipynb #7c020c7a
+def figure_png(fig) -> bytes:
+    "A figure as PNG bytes, cropped to what is drawn."
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=fig.dpi, bbox_inches='tight', pad_inches=0.05)
+    return buffer.getvalue()
+
+def display_with_picture(widget, png: bytes):
+    """Display a widget for JupyterLab together with a picture of it, which pages that cannot run widgets
+    (a rendered notebook, GitHub) show instead."""
+    display({**widget._repr_mimebundle_(), 'image/png': png}, raw=True)
+
 # %% ../nbs/01_viz.ipynb #02e2d90c
 class SliceViewer:
     "Interactive slice viewer: panels side by side with shared plane/slice/window/opacity controls."
@@ -250,14 +262,9 @@ class SliceViewer:
 
     def png(self) -> bytes:
         "The frame on display as PNG bytes."
-        buffer = io.BytesIO()
-        self.fig.savefig(buffer, format='png', dpi=self.fig.dpi, bbox_inches='tight', pad_inches=0.05)
-        return buffer.getvalue()
+        return figure_png(self.fig)
 
-    def _ipython_display_(self):
-        # the widget for JupyterLab, and its first frame as a picture for pages that cannot run widgets
-        bundle = self.widget._repr_mimebundle_()
-        display({**bundle, 'image/png': self.png()}, raw=True)
+    def _ipython_display_(self): display_with_picture(self.widget, self.png())
 
 # %% ../nbs/01_viz.ipynb #4423c50e
 def view_case(dataset_dir, case_id: str, prediction: np.ndarray | None = None, **kwargs) -> SliceViewer:

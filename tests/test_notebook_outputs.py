@@ -39,7 +39,7 @@ def test_an_edited_cell_is_stale():
     assert tool.stale(nb) == []
     i = next(i for i, c in enumerate(nb['cells']) if c['cell_type'] == 'code')
     edited = copy.deepcopy(nb)
-    edited['cells'][i]['source'] = tool.source_of(edited['cells'][i]) + '\nx = 1'
+    edited['cells'][i]['source'] = tool.cell_text(edited['cells'][i]) + '\nx = 1'
     assert tool.stale(edited) == [f'cell {i} changed after it ran']
     added = copy.deepcopy(nb)
     added['cells'].insert(i + 1, dict(cell_type='code', metadata={}, source='1 + 1', outputs=[]))
@@ -59,7 +59,7 @@ def test_a_changed_module_makes_the_notebooks_that_import_it_stale():
 
 def test_the_check_names_each_stale_notebook(tmp_path, monkeypatch, capsys):
     nb = notebook()
-    nb['cells'][-1]['source'] = tool.source_of(nb['cells'][-1]) + ' '
+    nb['cells'][-1]['source'] = tool.cell_text(nb['cells'][-1]) + ' '
     if nb['cells'][-1]['cell_type'] != 'code':
         nb['cells'].append(dict(cell_type='code', metadata={}, source='pass', outputs=[]))
     copy_path = tmp_path / '03_plans.ipynb'
@@ -93,15 +93,15 @@ def test_outputs_are_tidied_for_storing():
     png = png_of(figure)
     outputs = [
         {'output_type': 'display_data', 'metadata': {}, 'data': {   # a progress bar: dropped
-            tool.WIDGET: {'model_id': 'a'}, 'text/plain': 'HBox(children=(...))'}},
+            tool.WIDGET_VIEW: {'model_id': 'a'}, 'text/plain': 'HBox(children=(...))'}},
         {'output_type': 'display_data', 'metadata': {}, 'data': {   # the slice viewer: its image kept
-            tool.WIDGET: {'model_id': 'b'}, 'image/png': png, 'text/plain': 'SliceViewer'}},
+            tool.WIDGET_VIEW: {'model_id': 'b'}, 'image/png': png, 'text/plain': 'SliceViewer'}},
         {'output_type': 'stream', 'name': 'stderr', 'text': 'cases: 100%|##########| 3/3\r\n'},
         {'output_type': 'stream', 'name': 'stderr', 'text': 'UserWarning: something to read\n'},
     ]
     kept = tool.tidy_outputs(outputs)
     assert len(kept) == 2
-    assert tool.WIDGET not in kept[0]['data'] and kept[0]['data']['text/plain'] == 'SliceViewer'
+    assert tool.WIDGET_VIEW not in kept[0]['data'] and kept[0]['data']['text/plain'] == 'SliceViewer'
     assert len(kept[0]['data']['image/png']) <= len(png)
     from PIL import Image
     image = Image.open(io.BytesIO(base64.b64decode(kept[0]['data']['image/png'])))

@@ -28,9 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nnunet_lite.course import WIDGET_VIEW, cell_text, execute_notebook
+
 ROOT = Path(__file__).resolve().parent.parent
 NBS, PACKAGE = ROOT / "nbs", ROOT / "nnunet_lite"
-WIDGET = "application/vnd.jupyter.widget-view+json"
 FIGURE_DPI = 72      # inline figures: a 10 x 3.6 inch figure is 720 x 259 pixels
 PREAMBLE = f"""
 %config InlineBackend.figure_formats = ['png']
@@ -39,13 +40,8 @@ matplotlib.rcParams['figure.dpi'] = {FIGURE_DPI}
 """
 
 
-def source_of(cell) -> str:
-    src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else src
-
-
 def source_hash(cell) -> str:
-    return hashlib.sha256(source_of(cell).encode()).hexdigest()[:16]
+    return hashlib.sha256(cell_text(cell).encode()).hexdigest()[:16]
 
 
 def file_hash(path) -> str:
@@ -85,7 +81,7 @@ def module_closure(modules: set) -> dict:
 
 
 def notebook_modules(nb) -> dict:
-    code = [source_of(c) for c in nb["cells"] if c["cell_type"] == "code"]
+    code = [cell_text(c) for c in nb["cells"] if c["cell_type"] == "code"]
     return module_closure(set().union(*[imported_modules(c) for c in code]) if code else set())
 
 
@@ -106,9 +102,9 @@ def tidy_outputs(outputs: list) -> list:
     kept = []
     for out in outputs:
         data = out.get("data", {})
-        if WIDGET in data:
+        if WIDGET_VIEW in data:
             if "image/png" not in data: continue          # a progress bar: nothing to see once it is done
-            data.pop(WIDGET)
+            data.pop(WIDGET_VIEW)
         if "image/png" in data: data["image/png"] = small_png("".join(data["image/png"]).strip())
         if out.get("output_type") == "stream" and out.get("name") == "stderr":
             text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
@@ -144,22 +140,18 @@ def resolve(names) -> list:
 
 def store_outputs(path: Path, timeout: int = 1800) -> tuple:
     "Run one notebook and write it back with its outputs and their provenance; (path, seconds, errors)."
-    from nnunet_lite.course import execute_notebook
     t0 = time.perf_counter()
     nb = json.loads(path.read_text(encoding="utf-8"))
     runnable = json.loads(json.dumps(nb))
     for cell in runnable["cells"]:   # cells marked `#| eval: false` are not run (as nbdev_test does not run them)
-        if cell["cell_type"] == "code" and re.search(r"^#\|\s*eval:\s*false", source_of(cell), re.M):
+        if cell["cell_type"] == "code" and re.search(r"^#\|\s*eval:\s*false", cell_text(cell), re.M):
             cell["source"] = ""
     executed = execute_notebook(runnable, NBS, timeout=timeout, preamble=PREAMBLE)
     errors = cell_errors(executed)
     if errors: return path, time.perf_counter() - t0, errors
     for cell, ran in zip(nb["cells"], executed["cells"]):
         if cell["cell_type"] != "code": continue
-        cell["outputs"] = tidy_outputs(ran.get("outputs", []))
-        cell["execution_count"] = None
-        for o in cell["outputs"]:
-            if "execution_count" in o: o["execution_count"] = None
+        cell["outputs"] = tidy_outputs(ran.get("outputs", []))   # execution counts: nbdev_clean, below
         cell["metadata"] = {**{k: v for k, v in cell.get("metadata", {}).items() if k != "source_hash"},
                             "source_hash": source_hash(cell)}
     nb["metadata"].pop("widgets", None)
